@@ -1,0 +1,258 @@
+"""The node's round loop: the numbered steps of SAPO (docs: SAPO.md), wired from the parts.
+
+One round:
+  1. sample I local questions                        (tasks)
+  2. generate G completions per question             (policy backend)
+  3. score them with the local verifier               (tasks)
+  4. publish them as one signed batch                 (wire + p2p; skipped in silo)
+  5. take in what peers sent: regenerate, check, re-score, re-tokenize, pool   (rl.external)
+  6. pick J external groups                           (rl.sampler)
+  7. GRPO update on I local + J external groups       (rl.grpo)
+  8. metrics line, heartbeat, checkpoint              (admin, rl.checkpoint)
+The network never blocks the loop: the libp2p host lives in its own process and step 5 only takes
+what has already arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swarmnode.config import NodeConfig
+from swarmnode.node.runtime import NodeRuntime, build_runtime
+from swarmnode.policy.backend import SamplingParams
+from swarmnode.rl.external import ExternalPool, IntakeReason
+from swarmnode.rl.records import RolloutGroup, ScoredGroup
+from swarmnode.rl.sampler import SamplerContext, select_external
+
+
+@dataclass
+class RoundCounters:
+    """What happened to received groups since the last round, by outcome."""
+
+    received: int = 0
+    accepted: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it between steps so a round is never cut in half."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.signal_name = ""
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.stopping:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stopping = True
+        self.signal_name = signal.Signals(signum).name
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig, runtime: NodeRuntime | None = None) -> None:
+        self.cfg = cfg
+        self.rt = runtime or build_runtime(cfg)
+        self.pool = ExternalPool(cfg.sampler)
+        self.rng = random.Random(cfg.seed)
+        self.stop = StopFlag()
+        self.recent_rewards: deque[float] = deque(maxlen=50)
+        self.sequence = 0
+        self.round = 0
+
+    # -- one round ------------------------------------------------------------------------
+    def generate_local(self, round_index: int) -> tuple[list[ScoredGroup], dict[str, float]]:
+        cfg, rt = self.cfg, self.rt
+        tasks = rt.registry.sample(self.rng, cfg.sampler.local_groups)
+        prompts = [rt.policy.encode_prompt(t.question) for t in tasks]
+        params = SamplingParams(
+            n=cfg.grpo.num_generations,
+            temperature=cfg.grpo.temperature,
+            top_p=cfg.grpo.top_p,
+            max_new_tokens=cfg.grpo.max_completion_length,
+            seed=cfg.seed * 1_000_003 + round_index,
+        )
+        start = time.perf_counter()
+        generations = rt.backend.generate(prompts, params) if prompts else []
+        gen_seconds = time.perf_counter() - start
+        now = time.time()
+        scored = []
+        for task, prompt, gens in zip(tasks, prompts, generations, strict=True):
+            group = RolloutGroup(
+                task=task.ref,
+                question=task.question,
+                completions=tuple(g.text for g in gens),
+                finished=tuple(g.finished for g in gens),
+                model_id=rt.policy.model_id,
+                round=round_index,
+                created_at=now,
+            )
+            rewards = tuple(rt.registry.score(task, g.text) for g in gens)
+            scored.append(ScoredGroup(group, rewards, tuple(prompt), tuple(g.token_ids for g in gens)))
+        tokens = sum(len(g.token_ids) for gens in generations for g in gens)
+        return scored, {
+            "gen_seconds": gen_seconds,
+            "generated_tokens": tokens,
+            "tokens_per_s": tokens / max(gen_seconds, 1e-9),
+        }
+
+    def take_in_external(self) -> RoundCounters:
+        """Step 5: validate, re-score and pool whatever peers sent since the last round."""
+        counters = RoundCounters()
+        if self.rt.network is None:
+            return counters
+        for origin, groups, latency in self.rt.network.receive_rollouts():
+            counters.latencies.append(latency)
+            for group in groups:
+                counters.received += 1
+                result = self.rt.intake.process(group)
+                if result.reason is IntakeReason.ACCEPTED and not self.pool.add(result.scored):
+                    result = type(result)(IntakeReason.DUPLICATE)
+                if result.reason is IntakeReason.ACCEPTED:
+                    counters.accepted += 1
+                    continue
+                counters.rejected[result.reason.value] += 1
+                if result.reason.penalizes_sender:
+                    self.rt.network.report(origin, result.reason.value)
+                    self.rt.events.emit("rejected", f"group from {origin[:16]}: {result.reason}", peer=origin)
+        return counters
+
+    def run_round(self, round_index: int) -> dict[str, Any]:
+        cfg, rt = self.cfg, self.rt
+        round_start = time.perf_counter()
+        local, gen_stats = self.generate_local(round_index)
+        published = 0
+        if rt.network is not None and local:
+            published = (
+                len(local)
+                if rt.network.publish_rollouts([s.group for s in local], node_round=round_index)
+                else 0
+            )
+        intake = self.take_in_external()
+        local_rewards = [r for s in local for r in s.rewards]
+        pass_rate = sum(local_rewards) / len(local_rewards) if local_rewards else 0.0
+        chosen = select_external(
+            cfg.sampler.strategy,
+            self.pool.eligible(),
+            cfg.sampler.external_groups,
+            self.rng,
+            SamplerContext(local_pass_rate=pass_rate, per_source_cap=cfg.sampler.per_source_cap),
+        )
+        self.pool.take(chosen)
+        external = [p.scored for p in chosen]
+        train_stats = rt.trainer.step(local + external) if local or external else {}
+        rt.backend.sync_weights()
+        ext_rewards = [r for s in external for r in s.rewards]
+        metrics: dict[str, Any] = {
+            "round": round_index,
+            "time": time.time(),
+            "reward_mean": pass_rate,
+            "reward_mean_external": sum(ext_rewards) / len(ext_rewards) if ext_rewards else None,
+            "frac_zero_std": (sum(1 for s in local if s.reward_std == 0) / len(local)) if local else 0.0,
+            **gen_stats,
+            "published": published,
+            "received": intake.received,
+            "accepted": intake.accepted,
+            "rejected_by_reason": dict(intake.rejected),
+            "gossip_latency_s": intake.latencies,
+            "pool_size": len(self.pool),
+            "used_local": len(local),
+            "used_external": len(external),
+            "external_sources": len({s.group.source for s in external}),
+            "silo": rt.network is None or rt.network.is_silo(),
+            **train_stats,
+            "round_seconds": time.perf_counter() - round_start,
+        }
+        self.recent_rewards.append(pass_rate)
+        return metrics
+
+    # -- the whole run -----------------------------------------------------------------------
+    def run(self) -> int:
+        cfg, rt = self.cfg, self.rt
+        self.stop.install()
+        start_round = rt.resume(self)
+        metrics_path = cfg.data_dir / "metrics.jsonl"
+        truncate_metrics(metrics_path, start_round)
+        rt.announce_start(start_round)
+        if start_round == 0:
+            rt.wait_for_peers(lambda: self.stop.stopping)
+        last_saved = start_round
+        try:
+            with rt.progress(start_round, cfg.rounds) as progress:
+                for round_index in range(start_round, cfg.rounds):
+                    if self.stop.stopping:
+                        break
+                    metrics = self.run_round(round_index)
+                    self.round = round_index + 1
+                    if cfg.eval_every and (self.round % cfg.eval_every == 0 or self.round == cfg.rounds):
+                        metrics["eval_accuracy"] = rt.evaluate()
+                    append_jsonl(metrics_path, metrics)
+                    rt.after_round(self, metrics)
+                    progress(metrics)
+                    if self.round % cfg.checkpoint_every == 0 or self.round == cfg.rounds:
+                        rt.save(self)
+                        last_saved = self.round
+        except KeyboardInterrupt:
+            rt.console.print("[yellow]interrupted twice: stopping without finishing the round[/]")
+        finally:
+            if self.round > last_saved:
+                rt.save(self)
+            rt.close()
+        if self.stop.stopping:
+            rt.console.print(
+                f"stopped by {self.stop.signal_name} after round {self.round}; checkpoint saved in "
+                f"{cfg.data_dir / 'checkpoints'} (run the same command to resume)"
+            )
+        return 0
+
+    # -- checkpointed state ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "sequence": self.sequence,
+            "sampler_rng": self.rng.getstate(),
+            "recent_rewards": list(self.recent_rewards),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.round = int(state["round"])
+        self.sequence = int(state.get("sequence", 0))
+        if "sampler_rng" in state:
+            version, internal, gauss = state["sampler_rng"]
+            self.rng.setstate((version, tuple(internal), gauss))
+        self.recent_rewards.extend(state.get("recent_rewards", []))
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(record, default=float) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def truncate_metrics(path: Path, start_round: int) -> None:
+    """On resume, drop lines written after the checkpoint we resume from, so the curve continues."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["round"] < start_round:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut by a crash
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

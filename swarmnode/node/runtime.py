@@ -1,0 +1,392 @@
+"""Everything a node holds while it runs, built from the config: the parts the round loop wires.
+
+`build_runtime` says what it is doing at each step (start-up is where users wait and wonder),
+resolves hardware, loads the policy, the task registry and the trainer, starts the p2p host process
+and the admin service. `NodeRuntime` also owns the side effects around a round: checkpoints,
+metrics, heartbeats, progress display, clean shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from swarmnode import __version__
+from swarmnode.admin.metrics import NodeMetrics
+from swarmnode.admin.source import EventLog, NetworkNode, NodeStatus, PeerInfo
+from swarmnode.config import NodeConfig
+
+if TYPE_CHECKING:
+    from swarmnode.node.loop import Node
+    from swarmnode.node.network import SwarmNetwork
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class NodeRuntime:
+    cfg: NodeConfig
+    console: Console
+    policy: Any
+    backend: Any
+    registry: Any
+    trainer: Any
+    intake: Any
+    network: SwarmNetwork | None
+    identity: Any
+    lock: Any
+    events: EventLog = field(default_factory=EventLog)
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)
+    admin: Any = None
+    metrics_server: Any = None
+    started_at: float = field(default_factory=time.time)
+    last_heartbeat: float = 0.0
+    round: int = 0
+    recent_rewards: list[float] = field(default_factory=list)
+    p2p_state: str = "disabled"
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.cfg.data_dir / "checkpoints"
+
+    def resume(self, node: Node) -> int:
+        from swarmnode.rl.checkpoint import load_latest_checkpoint
+
+        ckpt = load_latest_checkpoint(self.checkpoint_dir)
+        if ckpt is None:
+            return 0
+        ckpt.restore(self.policy.model, self.trainer.optimizer)
+        node.load_state_dict(ckpt.extra.get("node", {"round": ckpt.round}))
+        self.backend.sync_weights()
+        self.console.print(f"resumed from {ckpt.path} (round {ckpt.round})")
+        self.events.emit("resumed", f"resumed from round {ckpt.round}", path=str(ckpt.path))
+        return ckpt.round
+
+    def save(self, node: Node) -> None:
+        from swarmnode.rl.checkpoint import save_checkpoint
+
+        path = save_checkpoint(
+            self.checkpoint_dir,
+            node.round,
+            self.policy.model,
+            self.trainer.optimizer,
+            extra={"node": node.state_dict(), "model_id": self.policy.model_id},
+        )
+        self.events.emit("checkpoint", f"checkpoint at round {node.round}", path=str(path))
+
+    def evaluate(self) -> float:
+        from swarmnode.policy.evaluate import greedy_accuracy
+
+        return greedy_accuracy(self.policy, self.backend, self.registry, self.cfg.tasks.eval_size)
+
+    # -- around each round ---------------------------------------------------------------------
+    def announce_start(self, start_round: int) -> None:
+        mode = "silo (p2p disabled)" if self.network is None else "swarm"
+        self.console.print(
+            f"[bold]node {self.cfg.name}[/] peer id {self.identity.peer_id} | model {self.policy.model_id} | "
+            f"tasks {self.cfg.tasks.preset} | I/J {self.cfg.sampler.local_groups}/{self.cfg.sampler.external_groups} "
+            f"| {mode} | rounds {start_round}->{self.cfg.rounds}"
+        )
+        self.events.emit("started", f"started at round {start_round}")
+
+    def wait_for_peers(self, should_stop: Callable[[], bool]) -> None:
+        """Before round 0, wait (bounded) for p2p.min_peers_at_start peers so a swarm starts in step."""
+        wanted = self.cfg.p2p.min_peers_at_start
+        if self.network is None or wanted == 0:
+            return
+        deadline = time.monotonic() + self.cfg.p2p.start_wait_s
+        with self.console.status(f"waiting for {wanted} peer(s) (at most {self.cfg.p2p.start_wait_s:.0f} s)..."):
+            while time.monotonic() < deadline and not should_stop():
+                if len(self.network.status().peers) >= wanted:
+                    self.console.print(f"{len(self.network.status().peers)} peer(s) connected")
+                    return
+                time.sleep(0.2)
+        self.console.print(f"[yellow]fewer than {wanted} peer(s) after {self.cfg.p2p.start_wait_s:.0f} s; starting anyway[/]")
+
+    def after_round(self, node: Node, metrics: dict[str, Any]) -> None:
+        self.round = node.round
+        self.recent_rewards = list(node.recent_rewards)
+        self.metrics.record_round(metrics)
+        if self.network is not None:
+            self.metrics.update_p2p(self.network.status())
+            now = time.time()
+            if now - self.last_heartbeat >= self.cfg.admin.heartbeat_interval:
+                self.last_heartbeat = now
+                self.publish_heartbeat()
+
+    def publish_heartbeat(self) -> None:
+        from swarmnode import wire
+
+        status = RuntimeAdminSource(self).status()
+        payload = wire.encode_heartbeat(
+            name=self.cfg.name,
+            model_id=status.model_id,
+            node_round=status.round,
+            reward_trend=status.recent_rewards[-10:],
+            counters=self.counters(),
+            silo=status.silo,
+            peers=status.connected_peers,
+            version=__version__,
+            created_at=time.time(),
+        )
+        assert self.network is not None
+        self.network.publish_heartbeat(payload)
+
+    def counters(self) -> dict[str, int]:
+        if self.network is None:
+            return {}
+        p2p = self.network.status()
+        return {
+            "msgs_in": p2p.msgs_in,
+            "msgs_out": p2p.msgs_out,
+            **{f"verdict_{k}": v for k, v in p2p.verdicts.items()},
+        }
+
+    @contextlib.contextmanager
+    def progress(self, start_round: int, total: int) -> Iterator[Callable[[dict[str, Any]], None]]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if not self.console.is_terminal:
+
+            def log_line(m: dict[str, Any]) -> None:
+                self.console.print(round_summary(m), highlight=False)
+
+            yield log_line
+            return
+        bar = Progress(
+            TextColumn("[bold]round"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            console=self.console,
+            transient=False,
+        )
+        with bar:
+            task = bar.add_task("", total=total, completed=start_round)
+
+            def update(m: dict[str, Any]) -> None:
+                bar.update(task, completed=m["round"] + 1, description=round_summary(m))
+
+            yield update
+
+    def close(self) -> None:
+        from swarmnode.admin.discovery import remove_discovery_file
+
+        if self.network is not None:
+            self.network.close()
+        if self.admin is not None:
+            self.admin.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        remove_discovery_file(self.cfg.data_dir)
+        if self.lock is not None:
+            self.lock.release()
+
+
+class RuntimeAdminSource:
+    """The admin service's read-only view of a running node (`swarmnode.admin.source.AdminSource`)."""
+
+    def __init__(self, rt: NodeRuntime) -> None:
+        self.rt = rt
+
+    def status(self) -> NodeStatus:
+        rt = self.rt
+        p2p = rt.network.status() if rt.network is not None else None
+        return NodeStatus(
+            name=rt.cfg.name,
+            peer_id=rt.identity.peer_id,
+            model_id=rt.policy.model_id,
+            round=rt.round,
+            rounds_target=rt.cfg.rounds,
+            recent_rewards=list(rt.recent_rewards),
+            uptime_s=time.time() - rt.started_at,
+            silo=p2p is None or p2p.silo,
+            p2p_state=rt.p2p_state if p2p is None else ("running" if p2p.host_running else "restarting"),
+            listen_addrs=list(p2p.listen_addrs) if p2p else [],
+            data_dir=str(rt.cfg.data_dir),
+            started_at=rt.started_at,
+            config_digest=hashlib.sha256(rt.cfg.to_toml().encode()).hexdigest()[:12],
+            version=__version__,
+            connected_peers=len(p2p.peers) if p2p else 0,
+            admin_address=rt.admin.address if rt.admin else "",
+            metrics_address=rt.metrics_server.url if rt.metrics_server else "",
+        )
+
+    def peers(self) -> list[PeerInfo]:
+        rt = self.rt
+        if rt.network is None:
+            return []
+        p2p = rt.network.status()
+        return [
+            PeerInfo(
+                peer_id=p.peer_id,
+                addrs=list(getattr(p, "addrs", ())),
+                connected_since=p.connected_since,
+                msgs_in=p.msgs_in,
+                msgs_out=p.msgs_out,
+                bytes_in=p.bytes_in,
+                bytes_out=p.bytes_out,
+                verdicts=dict(p.verdicts),
+                score=p.score,
+            )
+            for p in p2p.peers
+        ]
+
+    def network(self) -> list[NetworkNode]:
+        rt = self.rt
+        return [] if rt.network is None else rt.network.view.nodes(time.time())
+
+    def events_since(self, cursor: int):  # noqa: ANN201 - AdminSource signature
+        rt = self.rt
+        return rt.events.events_since(cursor)
+
+
+def round_summary(m: dict[str, Any]) -> str:
+    ext = m.get("used_external", 0)
+    parts = [
+        f"r{m['round']}",
+        f"reward {m['reward_mean']:.3f}",
+        f"zero-std {m['frac_zero_std']:.2f}",
+        f"ext {ext} (pool {m.get('pool_size', 0)}, recv {m.get('received', 0)})",
+        f"{m.get('tokens_per_s', 0):.0f} tok/s",
+        f"step {m.get('step_seconds', 0):.2f}s",
+    ]
+    if "eval_accuracy" in m:
+        parts.append(f"eval {m['eval_accuracy']:.3f}")
+    if m.get("silo"):
+        parts.append("silo")
+    return " | ".join(parts)
+
+
+def build_runtime(cfg: NodeConfig, console: Console | None = None) -> NodeRuntime:
+    """Set up every part of a node; each step says what it does. Raises with actionable messages."""
+    console = console or Console(stderr=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1" if cfg.model.path.startswith("embedded:") else "0")
+    import torch
+
+    from swarmnode.identity import Identity, IdentityLock
+    from swarmnode.policy.hardware import choose_runtime, detect_hardware
+    from swarmnode.policy.loading import load_policy
+    from swarmnode.rl.external import ExternalIntake
+    from swarmnode.rl.grpo import GRPOTrainer
+    from swarmnode.tasks.registry import TaskRegistry
+
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.data_dir / "config.resolved.toml").write_text(cfg.to_toml())
+    console.print(f"resolved config written to {cfg.data_dir / 'config.resolved.toml'}")
+
+    identity = Identity.load_or_create(cfg.key_path)
+    lock = IdentityLock(cfg.key_path).acquire()
+    try:
+        choice = choose_runtime(detect_hardware(), cfg)
+        torch.set_num_threads(choice.threads)
+        seed_everything(cfg.seed)
+        console.print(
+            f"runtime: {choice.device}, {choice.dtype}, {choice.backend} backend, {choice.threads} thread(s)"
+        )
+        with console.status(f"loading model {cfg.model.path} ..."):
+            policy = load_policy(cfg.model.model_copy(update={"dtype": choice.dtype}), choice.device)
+        backend = make_backend(policy, cfg, choice.backend)
+        with console.status(f"preparing tasks '{cfg.tasks.preset}' ..."):
+            registry = TaskRegistry(cfg.tasks.preset, cfg.tasks.partial_credit, cfg.tasks.eval_size)
+        ref_model = None
+        if cfg.grpo.beta > 0:
+            ref_model = load_policy(
+                cfg.model.model_copy(update={"dtype": choice.dtype}), choice.device
+            ).model.eval()
+        trainer = GRPOTrainer(
+            policy.model, cfg.grpo, policy.pad_token_id, ref_model=ref_model, device=choice.device
+        )
+        intake = ExternalIntake(
+            registry,
+            policy.encode_prompt,
+            policy.encode_completion,
+            max_completion_tokens=4 * cfg.grpo.max_completion_length,
+        )
+        rt = NodeRuntime(
+            cfg=cfg,
+            console=console,
+            policy=policy,
+            backend=backend,
+            registry=registry,
+            trainer=trainer,
+            intake=intake,
+            network=None,
+            identity=identity,
+            lock=lock,
+        )
+        rt.metrics.set_identity(identity.peer_id, cfg.name, policy.model_id)
+        if cfg.p2p.enabled:
+            from swarmnode.node.network import SwarmNetwork
+
+            rt.network = SwarmNetwork(cfg, identity, policy.model_id)
+            rt.network.start()
+            console.print(
+                "p2p host process started"
+                + (
+                    f"; bootstrapping from {len(cfg.p2p.bootstrap)} address(es)"
+                    if cfg.p2p.bootstrap
+                    else "; no bootstrap addresses: waiting for peers to dial in (training alone until then)"
+                )
+            )
+        start_admin(rt)
+        return rt
+    except BaseException:
+        lock.release()
+        raise
+
+
+def make_backend(policy: Any, cfg: NodeConfig, backend: str) -> Any:
+    if backend == "vllm":
+        from swarmnode.policy.vllm_backend import VLLMBackend
+
+        return VLLMBackend(policy, gpu_memory_utilization=cfg.model.gpu_memory_utilization, seed=cfg.seed)
+    from swarmnode.policy.transformers_backend import TransformersBackend
+
+    return TransformersBackend(policy)
+
+
+def start_admin(rt: NodeRuntime) -> None:
+    from swarmnode.admin.discovery import write_discovery_file
+    from swarmnode.admin.service import AdminServer
+
+    rt.admin = AdminServer(RuntimeAdminSource(rt), rt.cfg.admin).start()
+    if rt.cfg.admin.metrics_listen:
+        rt.metrics_server = rt.metrics.serve(rt.cfg.admin.metrics_listen)
+    write_discovery_file(
+        rt.cfg.data_dir,
+        rt.admin.address,
+        rt.metrics_server.url if rt.metrics_server else None,
+        rt.identity.peer_id,
+    )
+    rt.console.print(
+        f"admin API on {rt.admin.address}"
+        + (f", metrics on {rt.metrics_server.url}" if rt.metrics_server else "")
+    )
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, force_terminal=None if sys.stderr.isatty() else False)

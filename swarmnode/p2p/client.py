@@ -1,0 +1,308 @@
+"""The node's handle on the network: spawns, supervises and talks to the libp2p host process.
+
+The training loop calls :class:`P2PClient` methods that never wait on the network: ``publish``
+enqueues (or drops and counts when full), ``drain`` takes what has arrived, ``status`` returns the
+host's latest snapshot. Three daemon threads do the rest: a reader (accepts the host's connection
+on the run directory's Unix socket, decodes frames), a writer (sends queued frames) and a
+supervisor (restarts the host with backoff if it dies; the key file keeps the peer id).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from swarmnode.config import P2PConfig
+from swarmnode.p2p.ipc import (
+    Deliver,
+    Frame,
+    FrameDecoder,
+    IPCError,
+    P2PStatus,
+    Publish,
+    Report,
+    Shutdown,
+    Snapshot,
+    encode_frame,
+)
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "p2p.sock"
+HOST_LOG_NAME = "p2p-host.log"
+HOST_CONFIG_NAME = "p2p-host.json"
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+STABLE_AFTER_S = 30.0  # a host that ran this long resets the restart backoff
+
+
+@dataclass(frozen=True)
+class Received:
+    """A message another peer published, accepted by the host's validation pipeline."""
+
+    kind: str
+    data: bytes  # the signed envelope, as published
+    origin: str  # authenticated libp2p peer id of the publisher
+    msg_id: str  # hex content-addressed message id
+    received_at: float  # wall-clock time the host accepted it
+
+
+def _kind_name(kind: enum.Enum | str) -> str:
+    return kind.name if isinstance(kind, enum.Enum) else str(kind)
+
+
+class P2PClient:
+    """Runs ``python -m swarmnode.p2p.host`` as a supervised child process and talks to it."""
+
+    def __init__(
+        self,
+        cfg: P2PConfig,
+        key_path: Path,
+        run_dir: Path,
+        *,
+        publish_queue: int = 64,
+        python: str = sys.executable,
+    ) -> None:
+        self.cfg = cfg
+        self.key_path = Path(key_path)
+        self.run_dir = Path(run_dir)
+        self.socket_path = self.run_dir / SOCKET_NAME
+        self._python = python
+        self._outbox: queue.Queue[Frame] = queue.Queue(maxsize=publish_queue)
+        self._inbox: queue.Queue[Received] = queue.Queue(maxsize=cfg.receive_queue)
+        self._drops = {"node_publish_queue_full": 0, "node_receive_queue_full": 0, "ipc_send_failed": 0}
+        self._drops_lock = threading.Lock()
+        self._snapshot: dict = {}
+        self._restarts = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: socket.socket | None = None
+        self._conn_ready = threading.Event()
+        self._listener: socket.socket | None = None
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Spawn the host process and the reader, writer and supervisor threads."""
+        if self._listener is not None:
+            raise RuntimeError("P2PClient.start() called twice; create a new client instead")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if len(str(self.socket_path)) > 100:
+            raise ValueError(
+                f"run_dir {self.run_dir} is too long for a Unix socket path; use a shorter data directory"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket is created 0600: only this user may talk to the host
+        try:
+            listener.bind(str(self.socket_path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, 0o600)
+        listener.listen(1)
+        listener.settimeout(0.5)
+        self._listener = listener
+        (self.run_dir / HOST_CONFIG_NAME).write_text(self.cfg.model_dump_json(indent=2))
+        self._spawn_host()
+        for target in (self._read_loop, self._write_loop, self._supervise_loop):
+            thread = threading.Thread(target=target, name=f"p2p-{target.__name__.strip('_')}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the host to shut down, wait up to ``timeout`` seconds, then kill it; join threads."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.sendall(encode_frame(Shutdown()))
+        proc = self._proc
+        if proc is not None:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("p2p host pid %d did not stop in %.1f s; killing it", proc.pid, timeout)
+                proc.kill()
+                proc.wait(timeout=timeout)
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(timeout=timeout)
+        if conn is not None:
+            conn.close()
+        if self._listener is not None:
+            self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        """Block (at start-up only, never in the loop) until the host sent its first snapshot."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            if self._snapshot:
+                return True
+            time.sleep(0.05)
+        return bool(self._snapshot)
+
+    @property
+    def host_pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    # ----------------------------------------------------------------- the node's calls
+    def publish(self, kind: enum.Enum | str, envelope: bytes) -> bool:
+        """Queue a signed envelope for publishing; False (and a counted drop) if the queue is full."""
+        return self._enqueue(Publish(kind=_kind_name(kind), data=envelope, queued_at=time.time()))
+
+    def report(self, peer_id: str, reason: enum.Enum | str) -> bool:
+        """Tell the host a peer sent something the node rejected after its own checks."""
+        return self._enqueue(Report(peer_id=peer_id, reason=_kind_name(reason)))
+
+    def drain(self, max_items: int = 1 << 30) -> list[Received]:
+        """Take up to ``max_items`` received messages without waiting."""
+        items: list[Received] = []
+        while len(items) < max_items:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def status(self) -> P2PStatus:
+        """The host's latest snapshot plus node-side counters; never waits."""
+        with self._drops_lock:
+            drops = dict(self._drops)
+        proc = self._proc
+        return P2PStatus.from_snapshot(
+            self._snapshot,
+            drops=drops,
+            restarts=self._restarts,
+            host_running=proc is not None and proc.poll() is None and self._conn is not None,
+        )
+
+    # ----------------------------------------------------------------- internals
+    def _count_drop(self, place: str) -> None:
+        with self._drops_lock:
+            self._drops[place] += 1
+
+    def _enqueue(self, frame: Frame) -> bool:
+        try:
+            self._outbox.put_nowait(frame)
+            return True
+        except queue.Full:
+            self._count_drop("node_publish_queue_full")
+            return False
+
+    def _spawn_host(self) -> None:
+        cmd = [
+            self._python, "-m", "swarmnode.p2p.host",
+            "--config", str(self.run_dir / HOST_CONFIG_NAME),
+            "--key", str(self.key_path),
+            "--ipc", str(self.socket_path),
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        with open(self.run_dir / HOST_LOG_NAME, "ab") as log_file:
+            self._proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        log.info("p2p host started (pid %d), log in %s", self._proc.pid, self.run_dir / HOST_LOG_NAME)
+
+    def _supervise_loop(self) -> None:
+        attempt = 0
+        started = time.monotonic()
+        while not self._stopping.wait(0.2):
+            proc = self._proc
+            if proc is None or proc.poll() is None:
+                continue
+            if time.monotonic() - started > STABLE_AFTER_S:
+                attempt = 0
+            delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+            log.warning("p2p host pid %d exited with %s; restarting in %.1f s", proc.pid, proc.returncode, delay)
+            if self._stopping.wait(delay):
+                return
+            self._restarts += 1
+            attempt += 1
+            started = time.monotonic()
+            self._spawn_host()
+
+    def _read_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # listener closed by stop()
+            conn.settimeout(None)  # stop() unblocks recv() by shutting the socket down
+            old, self._conn = self._conn, conn
+            if old is not None:
+                old.close()
+            self._conn_ready.set()
+            self._read_frames(conn)
+            if self._conn is conn:
+                self._conn = None
+                self._conn_ready.clear()
+            conn.close()
+
+    def _read_frames(self, conn: socket.socket) -> None:
+        decoder = FrameDecoder()
+        while not self._stopping.is_set():
+            try:
+                chunk = conn.recv(1 << 16)
+            except OSError:
+                return
+            if not chunk:
+                return
+            try:
+                for frame in decoder.feed(chunk):
+                    self._on_frame(frame)
+            except IPCError as exc:
+                log.error("bad frame from the p2p host, dropping the connection: %s", exc)
+                return
+
+    def _on_frame(self, frame: Frame) -> None:
+        if isinstance(frame, Deliver):
+            item = Received(frame.kind, frame.data, frame.origin, frame.msg_id, frame.received_at)
+            try:
+                self._inbox.put_nowait(item)
+            except queue.Full:
+                self._count_drop("node_receive_queue_full")
+        elif isinstance(frame, Snapshot):
+            self._snapshot = frame.status
+
+    def _write_loop(self) -> None:
+        pending: Frame | None = None
+        while not self._stopping.is_set():
+            if pending is None:
+                try:
+                    pending = self._outbox.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+            if not self._conn_ready.wait(0.5):
+                continue  # host (re)starting: keep the frame; the queue fills and publish() drops
+            conn = self._conn
+            if conn is None:
+                continue
+            try:
+                conn.sendall(encode_frame(pending))
+            except OSError:
+                # A half-sent frame corrupts the stream: drop the connection; the host sees EOF,
+                # exits, and the supervisor restarts it.
+                self._count_drop("ipc_send_failed")
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+            except IPCError as exc:
+                log.error("cannot send to the p2p host: %s", exc)
+                self._count_drop("ipc_send_failed")
+            pending = None

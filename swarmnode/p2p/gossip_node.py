@@ -1,0 +1,216 @@
+"""A gossip-only node process for the p2p tests and the gossip bench.
+
+It runs the real network side (P2PClient -> supervised libp2p host), publishes signed rollout
+batches of a given size at a given rate, drains what arrives, and writes JSON lines:
+``ready`` (peer id, addresses), ``sent`` (sequence, message id, time), ``recv`` (origin, sequence,
+message id, latency), ``attack`` (adversary mode: what was sent) and a final ``status``.
+
+    python -m swarmnode.p2p.gossip_node --key K --run-dir D --listen /ip4/127.0.0.1/tcp/4001 \\
+        --bootstrap /ip4/127.0.0.1/tcp/4002/p2p/12D3... --payload-bytes 8192 --rate 1 \\
+        --duration 30 --out results.jsonl
+
+``--adversary`` publishes, besides its valid batches, one of each crafted bad message: a forged
+signature, a tampered payload, an oversize envelope, a replayed sequence number, random bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import string
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO, Any
+
+from nacl.signing import SigningKey
+
+from swarmnode.config import P2PConfig, parse_override
+from swarmnode.identity import Identity, IdentityLock
+from swarmnode.p2p.client import P2PClient, Received
+from swarmnode.rl.records import RolloutGroup
+from swarmnode.tasks.reference import TaskRef
+from swarmnode.wire import (
+    Kind,
+    WireCaps,
+    WireError,
+    decode_rollout_batch,
+    encode_rollout_batch,
+    message_id,
+    open_envelope,
+    open_payload,
+    seal,
+)
+from swarmnode.wire.gen import wire_pb2
+
+BENCH_TASK = TaskRef("bench", "0" * 16, 0, 0, "0")
+COMPLETIONS_PER_GROUP = 8
+ATTACKS = ("forged_signature", "tampered_payload", "oversize", "replay", "garbage")
+
+
+class BatchMaker:
+    """Signed rollout-batch envelopes of about ``payload_bytes`` bytes (random text, so zlib cannot shrink it away)."""
+
+    def __init__(self, identity: Identity, payload_bytes: int, seed: int) -> None:
+        self.identity = identity
+        self.rng = random.Random(seed)
+        self.model_id = f"gossip-{identity.peer_id[-6:]}"
+        # Calibrate text length to the sealed size once: zlib on random letters keeps ~60 %.
+        probe = self.payload(sequence=0, chars=max(256, payload_bytes))
+        ratio = len(probe) / max(256, payload_bytes)
+        self.chars = max(64, int(payload_bytes / ratio))
+
+    def batch(self, sequence: int, chars: int | None = None, created_at: float | None = None) -> bytes:
+        chars = self.chars if chars is None else chars
+        per_completion = max(1, chars // COMPLETIONS_PER_GROUP)
+        completions = tuple(
+            "".join(self.rng.choices(string.ascii_letters + string.digits, k=per_completion))
+            for _ in range(COMPLETIONS_PER_GROUP)
+        )
+        group = RolloutGroup(
+            task=BENCH_TASK,
+            question="bench question",
+            completions=completions,
+            finished=(True,) * COMPLETIONS_PER_GROUP,
+            model_id=self.model_id,
+            round=sequence,
+            created_at=time.time(),
+        )
+        return encode_rollout_batch(
+            [group],
+            node_round=sequence,
+            sequence=sequence,
+            model_id=self.model_id,
+            created_at=time.time() if created_at is None else created_at,
+        )
+
+    def payload(self, sequence: int, chars: int | None = None) -> bytes:
+        return seal(self.identity, Kind.ROLLOUT_BATCH, self.batch(sequence, chars), max_message_bytes=1 << 30)
+
+
+def craft_attack(name: str, maker: BatchMaker, last_sequence: int, rng: random.Random) -> bytes:
+    """One crafted bad message; ``last_sequence`` is a sequence number this node already used."""
+    if name == "forged_signature":  # our key announced, someone else's signature
+        forger = Identity(SigningKey.generate())
+        env = wire_pb2.Envelope.FromString(seal(forger, Kind.ROLLOUT_BATCH, maker.batch(last_sequence + 1)))
+        env.signer_public_key = maker.identity.public_key_bytes
+        return env.SerializeToString()
+    if name == "tampered_payload":  # validly signed, then one payload byte changed
+        env = wire_pb2.Envelope.FromString(maker.payload(last_sequence + 2))
+        body = bytearray(env.payload)
+        body[len(body) // 2] ^= 0x01
+        env.payload = bytes(body)
+        return env.SerializeToString()
+    if name == "oversize":  # over the 1,000,000-byte cap, under libp2p's own limit
+        env = wire_pb2.Envelope.FromString(maker.payload(last_sequence + 3))
+        env.payload = env.payload + rng.randbytes(1_010_000 - len(env.payload))
+        return env.SerializeToString()
+    if name == "replay":  # a fresh, validly signed batch reusing an old sequence number
+        return seal(maker.identity, Kind.ROLLOUT_BATCH, maker.batch(last_sequence, created_at=time.time()))
+    if name == "garbage":
+        return rng.randbytes(4096)
+    raise ValueError(f"unknown attack {name!r}; expected one of {ATTACKS}")
+
+
+class JsonLines:
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def write(self, event: str, **fields: Any) -> None:
+        self.out.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
+        self.out.flush()
+
+
+def record_received(items: list[Received], caps: WireCaps, log: JsonLines) -> None:
+    drained_at = time.time()
+    for item in items:
+        fields: dict[str, Any] = {"origin": item.origin, "msg_id": item.msg_id, "kind": item.kind,
+                                  "bytes": len(item.data), "received_at": item.received_at}  # fmt: skip
+        try:
+            env = open_envelope(item.data, caps)
+            batch = decode_rollout_batch(open_payload(env, caps), caps, source=env.signer)
+            fields |= {"sequence": batch.sequence, "sent_at": batch.created_at,
+                       "latency_ms": 1000.0 * (drained_at - batch.created_at)}  # fmt: skip
+        except WireError as exc:  # the host accepted it, so this would be a pipeline gap
+            fields["decode_error"] = str(exc)
+        log.write("recv", **fields)
+
+
+def run(args: argparse.Namespace, log: JsonLines, should_stop: Callable[[], bool]) -> None:
+    overrides = dict(parse_override(item) for item in args.set)
+    cfg = P2PConfig(**{"listen": args.listen, "bootstrap": args.bootstrap, **overrides})
+    caps = WireCaps.from_config(cfg)
+    identity = Identity.load_or_create(args.key)
+    with IdentityLock(args.key):
+        client = P2PClient(cfg, args.key, args.run_dir)
+        client.start()
+        try:
+            if not client.wait_ready(timeout=60):
+                raise RuntimeError(f"the p2p host did not start within 60 s; see {args.run_dir}/p2p-host.log")
+            status = client.status()
+            log.write("ready", peer_id=status.peer_id, listen_addrs=list(status.listen_addrs),
+                      pid=os.getpid(), host_pid=client.host_pid)  # fmt: skip
+            maker = BatchMaker(identity, args.payload_bytes, seed=args.seed)
+            rng = random.Random(args.seed)
+            start = args.start_at or time.time()
+            end = start + args.duration
+            next_send, sequence, attacks = start, 0, list(ATTACKS) if args.adversary else []
+            while not should_stop() and time.time() < end + args.linger:
+                now = time.time()
+                if now >= next_send and now < end:
+                    sequence = max(sequence + 1, int(now * 1000))
+                    data = maker.payload(sequence)
+                    ok = client.publish(Kind.ROLLOUT_BATCH, data)
+                    log.write("sent", sequence=sequence, msg_id=message_id(data).hex(), bytes=len(data), queued=ok)
+                    if attacks and sequence > 0:
+                        name = attacks.pop(0)
+                        bad = craft_attack(name, maker, sequence, rng)
+                        client.publish(Kind.ROLLOUT_BATCH, bad)
+                        log.write("attack", name=name, msg_id=message_id(bad).hex(), bytes=len(bad))
+                    next_send += 1.0 / args.rate
+                record_received(client.drain(), caps, log)
+                time.sleep(0.002)
+            status = client.status()
+            log.write("status", **asdict(status))
+        finally:
+            client.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--key", type=Path, required=True, help="identity key file (created if missing)")
+    parser.add_argument("--run-dir", type=Path, required=True, help="IPC socket and host log go here")
+    parser.add_argument("--listen", action="append", default=[], help="multiaddr to listen on (repeatable)")
+    parser.add_argument("--bootstrap", action="append", default=[], help="bootstrap multiaddr (repeatable)")
+    parser.add_argument("--payload-bytes", type=int, default=8192, help="sealed envelope size to publish")
+    parser.add_argument("--rate", type=float, default=1.0, help="batches per second")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of publishing")
+    parser.add_argument("--start-at", type=float, default=0.0, help="Unix time to start publishing (0 = now)")
+    parser.add_argument("--linger", type=float, default=3.0, help="seconds to keep receiving after the last send")
+    parser.add_argument("--set", action="append", default=[], help="P2PConfig override KEY=VALUE (repeatable)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adversary", action="store_true", help="also publish one of each crafted bad message")
+    parser.add_argument("--out", type=Path, required=True, help="JSON lines output")
+    args = parser.parse_args(argv)
+    if not args.listen:
+        args.listen = ["/ip4/127.0.0.1/tcp/0"]
+
+    stop = {"requested": False}
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop["requested"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    with open(args.out, "a") as out:
+        run(args, JsonLines(out), lambda: stop["requested"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The signed envelope: compress, sign and seal a payload; open, bound and verify a received one.
+
+See protos/swarmnode/v1/wire.proto for the exact digest that is signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from functools import cached_property
+from typing import Protocol
+
+from google.protobuf.message import DecodeError
+
+from swarmnode.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, peer_id_from_public_key, verify
+from swarmnode.wire.caps import WireCaps, WireError
+from swarmnode.wire.gen import wire_pb2
+
+ENVELOPE_VERSION = 1
+ZLIB_LEVEL = 6
+_DOMAIN = b"swarmnode/v1/envelope\x00"
+
+
+class Kind(IntEnum):
+    """What an envelope carries; one gossip topic per kind."""
+
+    ROLLOUT_BATCH = wire_pb2.KIND_ROLLOUT_BATCH
+    HEARTBEAT = wire_pb2.KIND_HEARTBEAT
+
+    @property
+    def topic(self) -> str:
+        """The gossipsub topic of this kind."""
+        return f"/swarmnode/v1/{self.name.lower()}"
+
+
+class Compression(IntEnum):
+    NONE = wire_pb2.COMPRESSION_NONE
+    ZLIB = wire_pb2.COMPRESSION_ZLIB
+
+
+class Signer(Protocol):
+    """What ``seal`` needs of an identity (swarmnode.identity.Identity)."""
+
+    public_key_bytes: bytes
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A parsed envelope; ``payload`` is still compressed. Not yet verified: see ``verify_envelope``."""
+
+    version: int
+    kind: Kind
+    compression: Compression
+    payload: bytes
+    signer_public_key: bytes
+    signature: bytes
+    raw: bytes = field(repr=False)  # the bytes it was parsed from
+
+    @cached_property
+    def signer(self) -> str:
+        """The signer's libp2p peer id."""
+        return peer_id_from_public_key(self.signer_public_key)
+
+    @cached_property
+    def message_id(self) -> bytes:
+        return message_id(self.raw)
+
+
+def message_id(data: bytes) -> bytes:
+    """Content-addressed message id of a sealed envelope (use it as the gossipsub message id)."""
+    return hashlib.sha256(data).digest()
+
+
+def signing_digest(version: int, kind: int, compression: int, payload: bytes) -> bytes:
+    """The domain-separated digest an envelope's signature covers."""
+    header = struct.pack(">III", version, kind, compression)
+    return hashlib.sha256(_DOMAIN + header + hashlib.sha256(payload).digest()).digest()
+
+
+def seal(
+    identity: Signer,
+    kind: Kind,
+    payload: bytes,
+    *,
+    compression: Compression = Compression.ZLIB,
+    max_message_bytes: int = WireCaps.max_message_bytes,
+) -> bytes:
+    """Compress and sign ``payload`` (an encoded RolloutBatch or Heartbeat); returns envelope bytes.
+
+    Raises WireError("oversize") when the sealed envelope exceeds ``max_message_bytes``: publish
+    fewer groups per batch.
+    """
+    if compression == Compression.ZLIB:
+        body = zlib.compress(payload, ZLIB_LEVEL)
+    elif compression == Compression.NONE:
+        body = payload
+    else:
+        raise ValueError(f"unsupported compression {compression!r}")
+    signature = identity.sign(signing_digest(ENVELOPE_VERSION, kind, compression, body))
+    data = wire_pb2.Envelope(
+        version=ENVELOPE_VERSION,
+        kind=int(kind),
+        compression=int(compression),
+        payload=body,
+        signer_public_key=identity.public_key_bytes,
+        signature=signature,
+    ).SerializeToString()
+    if len(data) > max_message_bytes:
+        raise WireError(
+            "oversize",
+            f"sealed {kind.name} is {len(data)} bytes, over the {max_message_bytes}-byte cap; "
+            f"send fewer groups per message",
+        )
+    return data
+
+
+def open_envelope(data: bytes, caps: WireCaps) -> Envelope:
+    """Parse envelope bytes with the size cap checked first; raises WireError. Does not verify."""
+    if len(data) > caps.max_message_bytes:
+        raise WireError("oversize", f"{len(data)} bytes, cap {caps.max_message_bytes}")
+    msg = wire_pb2.Envelope()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as exc:
+        raise WireError("decode_error", f"not an envelope: {exc}") from None
+    if msg.version != ENVELOPE_VERSION:
+        raise WireError("decode_error", f"envelope version {msg.version}, this node reads {ENVELOPE_VERSION}")
+    try:
+        kind = Kind(msg.kind)
+    except ValueError:
+        raise WireError("unknown_kind", f"kind {msg.kind}") from None
+    try:
+        compression = Compression(msg.compression)
+    except ValueError:
+        raise WireError("decode_error", f"unknown compression {msg.compression}") from None
+    if len(msg.signer_public_key) != PUBLIC_KEY_BYTES:
+        raise WireError("decode_error", f"signer key is {len(msg.signer_public_key)} bytes, not {PUBLIC_KEY_BYTES}")
+    if len(msg.signature) != SIGNATURE_BYTES:
+        raise WireError("decode_error", f"signature is {len(msg.signature)} bytes, not {SIGNATURE_BYTES}")
+    return Envelope(
+        version=msg.version,
+        kind=kind,
+        compression=compression,
+        payload=msg.payload,
+        signer_public_key=msg.signer_public_key,
+        signature=msg.signature,
+        raw=bytes(data),
+    )
+
+
+def verify_envelope(env: Envelope) -> bool:
+    """True when the signature is valid for the envelope's signer key, kind, compression and payload."""
+    digest = signing_digest(env.version, env.kind, env.compression, env.payload)
+    return verify(env.signer_public_key, digest, env.signature)
+
+
+def open_payload(env: Envelope, caps: WireCaps) -> bytes:
+    """The decompressed payload, never larger than ``caps.max_payload_bytes`` (a zip bomb is oversize)."""
+    if env.compression == Compression.NONE:
+        if len(env.payload) > caps.max_payload_bytes:
+            raise WireError("oversize", f"payload {len(env.payload)} bytes, cap {caps.max_payload_bytes}")
+        return env.payload
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(env.payload, caps.max_payload_bytes)
+    except zlib.error as exc:
+        raise WireError("decode_error", f"bad zlib payload: {exc}") from None
+    if inflater.unconsumed_tail:
+        raise WireError("oversize", f"payload inflates beyond the {caps.max_payload_bytes}-byte cap")
+    if not inflater.eof or inflater.unused_data:
+        raise WireError("decode_error", "zlib payload is truncated or has trailing bytes")
+    return out
+
+
+class Sequencer:
+    """Sender sequence numbers: ``max(previous + 1, Unix ms now)``.
+
+    Time based, so a restarted node continues above the numbers it used before its restart
+    without persisting a counter (receivers would otherwise reject its fresh messages as
+    replays). Keep one Sequencer per message kind.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._last = 0
+
+    def next(self) -> int:
+        self._last = max(self._last + 1, int(self._clock() * 1000))
+        return self._last
