@@ -260,6 +260,8 @@ def build(spec: TinySpec, settings: TrainSettings, out_root: Path) -> dict:
     }
     (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     (tmp / "README.md").write_text(model_readme(card))
+    for path in tmp.iterdir():  # safetensors writes 0600; the package must be readable by any user
+        path.chmod(0o644)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     console.print(f"[bold green]{spec.name}[/]: {step} steps, held-out greedy accuracy "

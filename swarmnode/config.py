@@ -65,6 +65,9 @@ class GRPOConfig(_Section):
     num_iterations: int = Field(1, ge=1, description="passes over each round's batch")
     minibatches: int = Field(1, ge=1, description="optimizer steps per pass")
     max_grad_norm: float = Field(1.0, gt=0.0)
+    micro_batch_size: int = Field(
+        0, ge=0, description="sequences per forward/backward pass; 0 = sized from the logits memory"
+    )
     scale_rewards: bool = Field(True, description="divide advantages by the group's reward std")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -67,6 +68,11 @@ def free_port() -> Callable[[], int]:
 
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
-    """A short temporary directory: Unix socket paths must stay under ~100 characters."""
-    with tempfile.TemporaryDirectory(prefix="sn-", dir="/tmp") as path:
-        yield Path(path)
+    """A short temporary directory: Unix socket paths must stay under ~100 characters.
+
+    Set SWARMNODE_KEEP_TEST_DIRS=1 to keep it (node logs, JSON lines) for debugging.
+    """
+    path = Path(tempfile.mkdtemp(prefix="sn-", dir="/tmp"))
+    yield path
+    if not os.environ.get("SWARMNODE_KEEP_TEST_DIRS"):
+        shutil.rmtree(path, ignore_errors=True)

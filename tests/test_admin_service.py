@@ -244,3 +244,17 @@ def test_grpc_status_codes_other_than_unavailable_are_not_reported_as_unreachabl
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         channel.close()
+
+
+def test_a_failing_source_gives_a_one_line_error_and_the_server_keeps_serving(
+    source: FakeSource, capsys
+) -> None:
+    class BrokenPeers(FakeSource):
+        def peers(self) -> list[PeerInfo]:
+            raise RuntimeError("p2p snapshot unavailable")
+
+    with AdminServer(BrokenPeers(), AdminConfig(listen="127.0.0.1:0")) as srv:
+        assert peers_command(srv.address, as_json=True) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"admin service at {srv.address} failed:") and len(err.splitlines()) == 1
+        assert status_command(srv.address, as_json=True) == 0

@@ -355,3 +355,27 @@ def test_a_few_steps_raise_the_probability_of_the_rewarded_completion():
     good_after, bad_after = _sequence_logprob(model, prompt, good), _sequence_logprob(model, prompt, bad)
     assert good_after > good_before + 1.0  # probability up by more than e
     assert bad_after < bad_before
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 3])
+def test_micro_batches_give_the_same_update_as_one_pass(micro_batch_size):
+    whole, split = tiny_model(), tiny_model()
+    cfg = GRPOConfig(minibatches=2, num_iterations=2, learning_rate=1e-2)
+    torch.manual_seed(5)
+    m_whole = GRPOTrainer(whole, cfg, PAD).step(_signal_groups())
+    torch.manual_seed(5)  # same minibatch order
+    m_split = GRPOTrainer(split, cfg.model_copy(update={"micro_batch_size": micro_batch_size}), PAD).step(
+        _signal_groups()
+    )
+    for key in ("loss", "grad_norm", "entropy", "clip_frac_low", "clip_frac_high"):
+        assert m_split[key] == pytest.approx(m_whole[key], rel=1e-4, abs=1e-6)
+    for a, b in zip(whole.parameters(), split.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_automatic_micro_batch_size_bounds_logits_memory(monkeypatch):
+    model = tiny_model()
+    trainer = GRPOTrainer(model, GRPOConfig(), PAD)
+    batch = build_batch(_signal_groups(), PAD)  # 7 rows x 6 tokens x vocab 64 x 4 bytes = 1536 bytes per row
+    monkeypatch.setattr(grpo, "LOGITS_BYTES_PER_MICRO_BATCH", 3 * 1536)
+    assert [len(c) for c in trainer._micro_batches(torch.arange(7), batch)] == [3, 3, 1]

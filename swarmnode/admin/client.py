@@ -73,9 +73,11 @@ class AdminClient:
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return AdminUnreachable(unreachable_message(self.address))
         detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return AdminError(f"admin service at {self.address} refused the call: {detail}")
         if code == grpc.StatusCode.UNIMPLEMENTED:
             detail = "the service there is not a swarmnode admin API of this version"
-        return AdminError(f"admin service at {self.address} refused the call: {detail}")
+        return AdminError(f"admin service at {self.address} failed: {detail}")
 
     def status(self) -> NodeStatus:
         return from_proto(self._call(self._stub.GetStatus, admin_pb2.StatusRequest()), NodeStatus)
@@ -119,7 +121,9 @@ def _ago(t: float, now: float) -> str:
         return f"{seconds:.0f}s ago"
     if seconds < 7200:
         return f"{seconds / 60:.0f}m ago"
-    return f"{seconds / 3600:.1f}h ago"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h ago"
+    return f"{seconds / 86400:.0f}d ago"
 
 
 def _duration(seconds: float) -> str:
@@ -147,7 +151,8 @@ def _trend(values: list[float]) -> str:
 
 
 def _short(peer_id: str) -> str:
-    return peer_id if len(peer_id) <= 16 else f"{peer_id[:8]}…{peer_id[-6:]}"
+    """The distinctive tail of a peer id ('12D3KooW' starts every Ed25519 one); --json has it whole."""
+    return peer_id if len(peer_id) <= 16 else f"…{peer_id[-12:]}"
 
 
 def render_status(status: NodeStatus) -> RenderableType:

@@ -69,7 +69,6 @@ class Node:
         self.rng = random.Random(cfg.seed)
         self.stop = StopFlag()
         self.recent_rewards: deque[float] = deque(maxlen=50)
-        self.sequence = 0
         self.round = 0
 
     # -- one round ------------------------------------------------------------------------
@@ -221,14 +220,12 @@ class Node:
     def state_dict(self) -> dict[str, Any]:
         return {
             "round": self.round,
-            "sequence": self.sequence,
             "sampler_rng": self.rng.getstate(),
             "recent_rewards": list(self.recent_rewards),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.round = int(state["round"])
-        self.sequence = int(state.get("sequence", 0))
         if "sampler_rng" in state:
             version, internal, gauss = state["sampler_rng"]
             self.rng.setstate((version, tuple(internal), gauss))

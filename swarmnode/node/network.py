@@ -33,7 +33,8 @@ class SwarmNetwork:
         self.client = P2PClient(cfg.p2p, cfg.key_path, Path(cfg.data_dir) / "p2p")
         self.view = NetworkView(expire_s=max(3 * cfg.admin.heartbeat_interval, 30.0))
         self.decode_errors: Counter[str] = Counter()
-        self._sequence = 0
+        self.rollout_sequence = wire.Sequencer()
+        self.heartbeat_sequence = wire.Sequencer()
 
     def start(self) -> None:
         self.client.start()
@@ -41,16 +42,11 @@ class SwarmNetwork:
     def close(self) -> None:
         self.client.stop()
 
-    def _next_sequence(self) -> int:
-        # Millisecond clock, strictly increasing: a restarted node never reuses a sequence number.
-        self._sequence = max(self._sequence + 1, int(time.time() * 1000))
-        return self._sequence
-
     def publish_rollouts(self, groups: list[RolloutGroup], node_round: int) -> bool:
         payload = wire.encode_rollout_batch(
             groups,
             node_round=node_round,
-            sequence=self._next_sequence(),
+            sequence=self.rollout_sequence.next(),
             model_id=self.model_id,
             created_at=time.time(),
         )

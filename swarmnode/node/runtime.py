@@ -137,21 +137,12 @@ class NodeRuntime:
 
     def publish_heartbeat(self) -> None:
         from swarmnode import wire
+        from swarmnode.admin.network_view import heartbeat_from_status
 
-        status = RuntimeAdminSource(self).status()
-        payload = wire.encode_heartbeat(
-            name=self.cfg.name,
-            model_id=status.model_id,
-            node_round=status.round,
-            reward_trend=status.recent_rewards[-10:],
-            counters=self.counters(),
-            silo=status.silo,
-            peers=status.connected_peers,
-            version=__version__,
-            created_at=time.time(),
-        )
         assert self.network is not None
-        self.network.publish_heartbeat(payload)
+        beat = heartbeat_from_status(RuntimeAdminSource(self).status(), self.counters(),
+                                     self.network.heartbeat_sequence.next())
+        self.network.publish_heartbeat(wire.encode_heartbeat(beat))
 
     def counters(self) -> dict[str, int]:
         if self.network is None:
@@ -286,7 +277,9 @@ def build_runtime(cfg: NodeConfig, console: Console | None = None) -> NodeRuntim
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     os.environ.setdefault("HF_HUB_OFFLINE", "1" if cfg.model.path.startswith("embedded:") else "0")
     import torch
+    import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # our own status lines say what is loading
     from swarmnode.identity import Identity, IdentityLock
     from swarmnode.policy.hardware import choose_runtime, detect_hardware
     from swarmnode.policy.loading import load_policy
@@ -389,4 +382,5 @@ def start_admin(rt: NodeRuntime) -> None:
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True, force_terminal=None if sys.stderr.isatty() else False)
+    """Rich on a terminal; long unwrapped lines in logs (simulations, docker)."""
+    return Console(stderr=True, soft_wrap=not sys.stderr.isatty())

@@ -28,8 +28,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
-from nacl.signing import SigningKey
-
 from swarmnode.config import P2PConfig, parse_override
 from swarmnode.identity import Identity, IdentityLock
 from swarmnode.p2p.client import P2PClient, Received
@@ -50,6 +48,7 @@ from swarmnode.wire.gen import wire_pb2
 
 BENCH_TASK = TaskRef("bench", "0" * 16, 0, 0, "0")
 COMPLETIONS_PER_GROUP = 8
+ATTACK_AFTER_SENDS = 2  # let the mesh settle so every neighbour sees every attack
 ATTACKS = ("forged_signature", "tampered_payload", "oversize", "replay", "garbage")
 
 
@@ -95,10 +94,9 @@ class BatchMaker:
 
 def craft_attack(name: str, maker: BatchMaker, last_sequence: int, rng: random.Random) -> bytes:
     """One crafted bad message; ``last_sequence`` is a sequence number this node already used."""
-    if name == "forged_signature":  # our key announced, someone else's signature
-        forger = Identity(SigningKey.generate())
-        env = wire_pb2.Envelope.FromString(seal(forger, Kind.ROLLOUT_BATCH, maker.batch(last_sequence + 1)))
-        env.signer_public_key = maker.identity.public_key_bytes
+    if name == "forged_signature":  # claims to be signed by another peer's key, which never signed it
+        env = wire_pb2.Envelope.FromString(maker.payload(last_sequence + 1))
+        env.signer_public_key = Identity.generate().public_key_bytes
         return env.SerializeToString()
     if name == "tampered_payload":  # validly signed, then one payload byte changed
         env = wire_pb2.Envelope.FromString(maker.payload(last_sequence + 2))
@@ -159,7 +157,8 @@ def run(args: argparse.Namespace, log: JsonLines, should_stop: Callable[[], bool
             rng = random.Random(args.seed)
             start = args.start_at or time.time()
             end = start + args.duration
-            next_send, sequence, attacks = start, 0, list(ATTACKS) if args.adversary else []
+            next_send, sequence, sent = start, 0, 0
+            attacks = list(ATTACKS) if args.adversary else []
             while not should_stop() and time.time() < end + args.linger:
                 now = time.time()
                 if now >= next_send and now < end:
@@ -167,12 +166,13 @@ def run(args: argparse.Namespace, log: JsonLines, should_stop: Callable[[], bool
                     data = maker.payload(sequence)
                     ok = client.publish(Kind.ROLLOUT_BATCH, data)
                     log.write("sent", sequence=sequence, msg_id=message_id(data).hex(), bytes=len(data), queued=ok)
-                    if attacks and sequence > 0:
+                    sent += 1
+                    if attacks and sent > ATTACK_AFTER_SENDS:
                         name = attacks.pop(0)
                         bad = craft_attack(name, maker, sequence, rng)
                         client.publish(Kind.ROLLOUT_BATCH, bad)
                         log.write("attack", name=name, msg_id=message_id(bad).hex(), bytes=len(bad))
-                    next_send += 1.0 / args.rate
+                    next_send = max(next_send + 1.0 / args.rate, now)  # a late start does not burst
                 record_received(client.drain(), caps, log)
                 time.sleep(0.002)
             status = client.status()

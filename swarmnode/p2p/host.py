@@ -13,7 +13,8 @@ socket closes. Everything here runs in one trio event loop:
   counted) and forwarded to the node;
 - publishes wait while any peer's outbound queue holds 4 or more RPCs (the library drops silently
   at 32), for a bounded time, then count a drop;
-- bootstraps are dialed with backoff forever, Kademlia (server mode, random walk) finds the rest;
+- bootstraps are dialed with backoff forever; Kademlia (server mode, random walk) and a tiny
+  peer-list protocol (swarmnode.p2p.discovery) find the rest;
   peers whose pubsub stream died while the connection stayed up are disconnected and redialed;
 - with no peers the host keeps running and reports ``silo``.
 """
@@ -34,8 +35,11 @@ from typing import Any
 
 import multiaddr
 import trio
+from google.protobuf.message import DecodeError
 from libp2p import new_host
+from libp2p.abc import INetStream
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.exceptions import ParseError
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -48,6 +52,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from swarmnode.config import P2PConfig
 from swarmnode.identity import Identity
+from swarmnode.p2p.discovery import PeerListExchange
 from swarmnode.p2p.ipc import (
     Deliver,
     FrameDecoder,
@@ -75,6 +80,7 @@ DIAL_TIMEOUT_S = 5.0
 DIAL_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 PUBSUB_DEAD_AFTER_S = 5.0  # connected but without a pubsub stream this long: reconnect
 IPC_WRITE_QUEUE = 256
+PEER_EXCHANGE_INTERVAL_S = 2.0  # while below degree_high connections
 
 
 def content_message_id(msg: rpc_pb2.Message) -> bytes:
@@ -106,6 +112,23 @@ class DialState:
         self.attempts, self.next_try = 0, 0.0
 
 
+class GuardedPubsub(Pubsub):
+    """Pubsub that survives an unparseable RPC from a peer.
+
+    py-libp2p lets protobuf's DecodeError escape the stream reader, which takes the whole host
+    down (measured: a burst of large messages coalesced into an RPC over the 1 MiB read limit).
+    Turned into a ParseError, the library resets that peer's stream; the liveness check
+    reconnects it.
+    """
+
+    async def continuously_read_stream(self, stream: INetStream) -> None:
+        try:
+            await super().continuously_read_stream(stream)
+        except DecodeError as exc:
+            log.warning("unparseable pubsub RPC from %s; resetting its stream", stream.muxed_conn.peer_id)
+            raise ParseError(f"unparseable pubsub RPC: {exc}") from exc
+
+
 class SwarmHost:
     """One libp2p host with its gossip topics, validation, discovery and the IPC link to the node."""
 
@@ -134,10 +157,12 @@ class SwarmHost:
             adaptive_gossip_enabled=False,
             spam_protection_enabled=False,
         )
-        self.pubsub = Pubsub(
+        self.pubsub = GuardedPubsub(
             self.host, self.gossipsub, strict_signing=True, msg_id_constructor=content_message_id
         )
         self.dht = KadDHT(self.host, DHTMode.SERVER, enable_random_walk=True)
+        self.peer_exchange = PeerListExchange(self.host)
+        self.next_peer_exchange = 0.0
         self.bootstraps = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in cfg.bootstrap]
         # counters and state, all touched only from the trio thread
         self.peers: dict[ID, PeerCounters] = {}
@@ -334,6 +359,9 @@ class SwarmHost:
 
         wanted = [info.peer_id for info in self.bootstraps]
         if len(connected) < self.cfg.degree_high:
+            if connected and now >= self.next_peer_exchange:
+                await self.peer_exchange.ask_some()
+                self.next_peer_exchange = now + PEER_EXCHANGE_INTERVAL_S
             wanted += list(self.host.get_peerstore().peers_with_addrs())
         to_dial: list[ID] = []
         for peer in dict.fromkeys(wanted):
@@ -398,6 +426,8 @@ class SwarmHost:
         peers = []
         for peer, counters in self.peers.items():
             name = peer.to_base58()
+            if scores.is_banned(name):
+                continue  # listed under "banned"; it is cut again within a second if it redials
             verdicts = {str(reason): n for reason, n in self.pipeline.peer_counts(name).items()}
             peers.append({"peer_id": name, **asdict(counters), "verdicts": verdicts,
                           "score": round(scores.score(name), 3), "in_mesh": peer in mesh})  # fmt: skip
@@ -411,6 +441,7 @@ class SwarmHost:
             **self.totals,
             "verdicts": dict(verdicts),
             "drops": dict(self.drops),
+            "banned": scores.banned(),
             "silo": self.silo,
             "snapshot_at": time.time(),
         }

@@ -143,6 +143,7 @@ class P2PStatus:
     bytes_out: int = 0
     verdicts: dict[str, int] = field(default_factory=dict)  # all received messages by reason
     drops: dict[str, int] = field(default_factory=dict)  # where messages were dropped, by place
+    banned: tuple[str, ...] = ()  # peers banned for bad messages (disconnected, not redialed)
     silo: bool = True  # no peers: the node trains alone
     restarts: int = 0
     host_running: bool = False
@@ -165,6 +166,7 @@ class P2PStatus:
             bytes_out=snapshot.get("bytes_out", 0),
             verdicts=dict(snapshot.get("verdicts", {})),
             drops=drops,
+            banned=tuple(snapshot.get("banned", ())),
             silo=snapshot.get("silo", True),
             snapshot_at=snapshot.get("snapshot_at", 0.0),
             **node_side,

@@ -1,0 +1,1 @@
+"""Policy: model + tokenizer loading, chat formatting, generation backends, the embedded tiny models."""

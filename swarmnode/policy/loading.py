@@ -110,13 +110,21 @@ def _stop_token_ids(model: PreTrainedModel, tokenizer: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _from_pretrained(loader: Any, source: str, **kwargs: Any) -> Any:
+    """Local files (a directory or the hub cache) first: no network round trips for what is on disk."""
+    try:
+        return loader.from_pretrained(source, local_files_only=True, **kwargs)
+    except OSError:
+        return loader.from_pretrained(source, **kwargs)
+
+
 def load_policy(cfg: ModelConfig, device: str | torch.device) -> Policy:
     """Load model and tokenizer for `cfg` onto `device`; raises ModelLoadError with what to do."""
     source, default_id = resolve_model_path(cfg.path)
     device = torch.device(device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(cfg.dtype, device))
+        tokenizer = _from_pretrained(AutoTokenizer, source)
+        model = _from_pretrained(AutoModelForCausalLM, source, dtype=pick_dtype(cfg.dtype, device))
     except OSError as exc:
         if source == cfg.path and not Path(source).exists():
             raise ModelLoadError(
