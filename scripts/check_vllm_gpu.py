@@ -57,7 +57,7 @@ def load(model_path: str | None, device: str) -> tuple[Any, str]:
         from swarmnode.config import ModelConfig
         from swarmnode.policy.loading import embedded_models, load_policy
 
-        names = [n for n in embedded_models() if not n.startswith(".")]  # skip models being built
+        names = embedded_models()
         path = model_path or (f"embedded:{names[0]}" if names else None)
         if path:
             return load_policy(ModelConfig(path=path, dtype="bfloat16"), device), path

@@ -50,16 +50,16 @@ def test_external_group_is_rescored_by_the_local_verifier_and_retokenized(regist
     assert result.scored.prompt_ids == tuple(_encode(group.question))
 
 
-def test_question_not_matching_its_reference_is_dropped_and_penalizes(registry):
+def test_question_not_matching_its_reference_is_dropped_and_reported(registry):
     right, wrong = _right_and_wrong(registry)
     _, group = _group(registry, [right, wrong])
     forged = replace(group, question=re.sub(r"\d+", "7", group.question, count=1) + " ")
     result = _intake(registry).process(forged)
     assert result.reason is IntakeReason.QUESTION_MISMATCH
-    assert result.reason.penalizes_sender
+    assert result.reason.reported_to_network
 
 
-def test_unknown_reference_is_dropped_and_penalizes(registry):
+def test_unknown_reference_is_dropped_and_reported(registry):
     right, wrong = _right_and_wrong(registry)
     _, group = _group(registry, [right, wrong])
     for ref in (
@@ -69,7 +69,7 @@ def test_unknown_reference_is_dropped_and_penalizes(registry):
     ):
         result = _intake(registry).process(replace(group, task=ref))
         assert result.reason is IntakeReason.TASK_UNKNOWN, ref
-        assert result.reason.penalizes_sender
+        assert result.reason.reported_to_network
 
 
 def test_zero_variance_group_is_dropped_without_penalty(registry):
@@ -77,7 +77,7 @@ def test_zero_variance_group_is_dropped_without_penalty(registry):
     _, group = _group(registry, [right] * 4)
     result = _intake(registry).process(group)
     assert result.reason is IntakeReason.ZERO_VARIANCE
-    assert not result.reason.penalizes_sender
+    assert not result.reason.reported_to_network
 
 
 def _scored(source: str, index: int, rewards=(1.0, 0.0), round_: int = 0) -> ScoredGroup:

@@ -39,7 +39,8 @@ class RoundCounters:
 
     received: int = 0
     accepted: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)  # by reason
+    rejected_sources: Counter[str] = field(default_factory=Counter)  # by sender peer id
     latencies: list[float] = field(default_factory=list)
 
 
@@ -123,7 +124,8 @@ class Node:
                     counters.accepted += 1
                     continue
                 counters.rejected[result.reason.value] += 1
-                if result.reason.penalizes_sender:
+                counters.rejected_sources[origin] += 1
+                if result.reason.reported_to_network:
                     self.rt.network.report(origin, result.reason.value)
                     self.rt.events.emit("rejected", f"group from {origin[:16]}: {result.reason}", peer=origin)
         return counters
@@ -169,7 +171,8 @@ class Node:
             "pool_size": len(self.pool),
             "used_local": len(local),
             "used_external": len(external),
-            "external_sources": len({s.group.source for s in external}),
+            "used_by_source": dict(Counter(s.group.source for s in external)),
+            "rejected_by_source": dict(intake.rejected_sources),
             "silo": rt.network is None or rt.network.is_silo(),
             **train_stats,
             "round_seconds": time.perf_counter() - round_start,

@@ -54,26 +54,26 @@ class SwarmNetwork:
             wire.Kind.ROLLOUT_BATCH, wire.seal(self.identity, wire.Kind.ROLLOUT_BATCH, payload)
         )
 
-    def publish_heartbeat(self, payload: bytes) -> bool:
-        return self.client.publish(
-            wire.Kind.HEARTBEAT, wire.seal(self.identity, wire.Kind.HEARTBEAT, payload)
-        )
+    def publish_heartbeat(self, beat: wire.NodeHeartbeat) -> bool:
+        # The host never delivers our own messages back: put ourselves in the view directly.
+        self.view.observe(beat, self.identity.peer_id, time.time())
+        payload = wire.encode_heartbeat(beat)
+        return self.client.publish(wire.Kind.HEARTBEAT, wire.seal(self.identity, wire.Kind.HEARTBEAT, payload))
 
     def receive_rollouts(self) -> Iterator[tuple[str, list[RolloutGroup], float]]:
         """(sender, groups, gossip latency in s) for each batch that arrived; heartbeats go to the view."""
         for item in self.client.drain(self.cfg.p2p.receive_queue):
             try:
-                envelope = wire.open_envelope(item.data, self.caps)
-                if item.kind == wire.Kind.HEARTBEAT.name:
-                    beat = wire.decode_heartbeat(envelope.payload, self.caps)
-                    self.view.observe(beat, item.origin, item.received_at)
-                    continue
-                batch = wire.decode_rollout_batch(envelope.payload, self.caps, source=item.origin)
+                message = wire.decode_message(wire.open_envelope(item.data, self.caps), self.caps)
             except wire.WireError as exc:
                 # The host's pipeline already decoded it once; reaching here means a version skew.
                 self.decode_errors[str(exc.reason)] += 1
                 log.warning("dropping message from %s: %s", item.origin, exc)
                 continue
+            if isinstance(message, wire.NodeHeartbeat):
+                self.view.observe(message, item.origin, item.received_at)
+                continue
+            batch = message
             yield item.origin, batch.groups, max(0.0, item.received_at - batch.created_at)
 
     def report(self, peer_id: str, reason: str) -> None:

@@ -136,13 +136,12 @@ class NodeRuntime:
                 self.publish_heartbeat()
 
     def publish_heartbeat(self) -> None:
-        from swarmnode import wire
         from swarmnode.admin.network_view import heartbeat_from_status
 
         assert self.network is not None
         beat = heartbeat_from_status(RuntimeAdminSource(self).status(), self.counters(),
                                      self.network.heartbeat_sequence.next())
-        self.network.publish_heartbeat(wire.encode_heartbeat(beat))
+        self.network.publish_heartbeat(beat)
 
     def counters(self) -> dict[str, int]:
         if self.network is None:
@@ -337,6 +336,7 @@ def build_runtime(cfg: NodeConfig, console: Console | None = None) -> NodeRuntim
 
             rt.network = SwarmNetwork(cfg, identity, policy.model_id)
             rt.network.start()
+            rt.metrics.track_network_view(rt.network.view)
             console.print(
                 "p2p host process started"
                 + (

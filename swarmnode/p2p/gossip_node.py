@@ -48,6 +48,7 @@ from swarmnode.wire.gen import wire_pb2
 
 BENCH_TASK = TaskRef("bench", "0" * 16, 0, 0, "0")
 COMPLETIONS_PER_GROUP = 8
+MAX_COMPLETION_CHARS = 8000
 ATTACK_AFTER_SENDS = 2  # let the mesh settle so every neighbour sees every attack
 ATTACKS = ("forged_signature", "tampered_payload", "oversize", "replay", "garbage")
 
@@ -66,16 +67,17 @@ class BatchMaker:
 
     def batch(self, sequence: int, chars: int | None = None, created_at: float | None = None) -> bytes:
         chars = self.chars if chars is None else chars
-        per_completion = max(1, chars // COMPLETIONS_PER_GROUP)
+        # Stay under the default cap of 8192 characters per completion by adding completions.
+        count = max(COMPLETIONS_PER_GROUP, -(-chars // MAX_COMPLETION_CHARS))
+        per_completion = max(1, chars // count)
         completions = tuple(
-            "".join(self.rng.choices(string.ascii_letters + string.digits, k=per_completion))
-            for _ in range(COMPLETIONS_PER_GROUP)
+            "".join(self.rng.choices(string.ascii_letters + string.digits, k=per_completion)) for _ in range(count)
         )
         group = RolloutGroup(
             task=BENCH_TASK,
             question="bench question",
             completions=completions,
-            finished=(True,) * COMPLETIONS_PER_GROUP,
+            finished=(True,) * count,
             model_id=self.model_id,
             round=sequence,
             created_at=time.time(),

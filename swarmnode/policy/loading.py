@@ -61,7 +61,10 @@ def embedded_models() -> list[str]:
     root = importlib.resources.files("swarmnode.policy") / "embedded"
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file())
+    # Skip hidden folders (a build in progress writes `.NAME.building` next to the finished models).
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "config.json").is_file()
+    )
 
 
 def resolve_model_path(path: str) -> tuple[str, str]:

@@ -25,15 +25,18 @@ from swarmnode.rl.records import RolloutGroup, ScoredGroup
 
 class IntakeReason(StrEnum):
     ACCEPTED = "accepted"
-    TASK_UNKNOWN = "task_unknown"  # sender penalized: a reference this node cannot regenerate
-    QUESTION_MISMATCH = "question_mismatch"  # sender penalized: text does not match its reference
-    ZERO_VARIANCE = "zero_variance"  # no penalty: every completion got the same local reward
-    DUPLICATE = "duplicate"  # no penalty: already in the pool
-    EMPTY = "empty"  # sender penalized: a group without completions
+    TASK_UNKNOWN = "task_unknown"  # a reference this node cannot regenerate (other preset or version)
+    QUESTION_MISMATCH = "question_mismatch"  # the text does not match its reference: a lie
+    ZERO_VARIANCE = "zero_variance"  # every completion got the same local reward: no signal
+    DUPLICATE = "duplicate"  # already in the pool
+    EMPTY = "empty"  # no completions (the wire decoder already refuses these)
 
     @property
-    def penalizes_sender(self) -> bool:
-        return self in (IntakeReason.TASK_UNKNOWN, IntakeReason.QUESTION_MISMATCH, IntakeReason.EMPTY)
+    def reported_to_network(self) -> bool:
+        """Verdicts about the sender that go to the p2p host, whose pipeline counts them per peer and
+        applies its penalty policy: a question mismatch is penalized; an unknown task is only counted,
+        since honest nodes may serve other task presets or reasoning-gym versions."""
+        return self in (IntakeReason.TASK_UNKNOWN, IntakeReason.QUESTION_MISMATCH)
 
 
 @dataclass(frozen=True)

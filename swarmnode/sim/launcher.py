@@ -71,7 +71,7 @@ def prepare_nodes(experiment: Experiment, configuration: Configuration, seed: in
             update={
                 "listen": [f"/ip4/127.0.0.1/tcp/{ports[index]}"],
                 "bootstrap": [b for i, b in enumerate(bootstraps) if i != index],
-                "min_peers_at_start": min(n - 1, 2) if cfg.p2p.enabled else 0,
+                "min_peers_at_start": max(cfg.p2p.min_peers_at_start, min(n - 1, 2)) if cfg.p2p.enabled else 0,
             }
         )
         admin = cfg.admin.model_copy(update={"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"})

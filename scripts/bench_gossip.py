@@ -1,0 +1,254 @@
+"""Gossip bench: N real node processes on loopback vs a plain asyncio TCP fan-out on the same load.
+
+For each payload size, N ``swarmnode.p2p.gossip_node`` processes (each with its libp2p host
+process) publish one signed rollout batch per second for ``--duration`` seconds; then N plain
+asyncio processes, fully connected over TCP, send the same sizes at the same rate. Reported per
+size and per system: delivery ratio, p50/p95 latency (publish -> drained by the receiving node),
+CPU ms per delivery (all processes, measured over the publishing window from /proc), and the
+gossip/TCP ratios. Writes bench/results/gossip.json.
+
+    .venv/bin/python scripts/bench_gossip.py                     # the full run (~3 minutes)
+    .venv/bin/python scripts/bench_gossip.py --duration 5 --nodes 4 --sizes 8192   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from swarmnode.identity import Identity  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of live processes, from /proc (processes already gone count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass
+    return total / CLOCK_TICKS
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def summarize(sent: dict[int, list[str]], received: dict[int, list[tuple[str, float]]], cpu_s: float) -> dict:
+    """Delivery, latency and CPU from per-node sent ids and received (id, latency ms) pairs."""
+    n = len(sent)
+    expected = sum(len(ids) for ids in sent.values()) * (n - 1)
+    all_sent = {mid for ids in sent.values() for mid in ids}
+    delivered = sum(len({mid for mid, _ in got} & all_sent) for got in received.values())
+    latencies = [lat for got in received.values() for mid, lat in got if mid in all_sent]
+    return {
+        "messages_sent": sum(len(ids) for ids in sent.values()),
+        "deliveries_expected": expected,
+        "deliveries": delivered,
+        "delivery_ratio": round(delivered / expected, 4) if expected else None,
+        "latency_p50_ms": round(percentile(latencies, 0.50) or 0.0, 2),
+        "latency_p95_ms": round(percentile(latencies, 0.95) or 0.0, 2),
+        "cpu_ms_per_delivery": round(1000.0 * cpu_s / delivered, 3) if delivered else None,
+        "cpu_s_window": round(cpu_s, 2),
+    }
+
+
+def wait_for_start(start_at: float) -> None:
+    time.sleep(max(0.0, start_at - time.time()))
+
+
+# ----------------------------------------------------------------------------- gossip swarm
+def run_gossip(n: int, size: int, duration: float, warmup: float, workdir: Path) -> dict:
+    keys = [workdir / f"k{i}" for i in range(n)]
+    ids = [Identity.load_or_create(k).peer_id for k in keys]
+    ports = [free_port() for _ in range(n)]
+    addr = [f"/ip4/127.0.0.1/tcp/{ports[i]}/p2p/{ids[i]}" for i in range(n)]
+    start_at = time.time() + warmup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    procs = []
+    for i in range(n):
+        bootstraps = [addr[j] for j in (0, 1, 2) if j != i][:2]
+        cmd = [sys.executable, "-m", "swarmnode.p2p.gossip_node", "--key", str(keys[i]),
+               "--run-dir", str(workdir / f"r{i}"), "--listen", f"/ip4/127.0.0.1/tcp/{ports[i]}",
+               "--payload-bytes", str(size), "--rate", "1", "--start-at", f"{start_at:.3f}",
+               "--duration", str(duration), "--linger", "5", "--out", str(workdir / f"o{i}.jsonl"),
+               "--seed", str(i)]  # fmt: skip
+        for b in bootstraps:
+            cmd += ["--bootstrap", b]
+        with open(workdir / f"n{i}.log", "ab") as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+    try:
+        wait_for_start(start_at)
+        pids = [p.pid for p in procs]
+        pids += [e["host_pid"] for i in range(n) for e in read_jsonl(workdir / f"o{i}.jsonl") if e["event"] == "ready"]
+        cpu_before = cpu_seconds(pids)
+        time.sleep(duration)
+        cpu_s = cpu_seconds(pids) - cpu_before
+        for proc in procs:
+            proc.wait(timeout=duration + 60)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    events = {i: read_jsonl(workdir / f"o{i}.jsonl") for i in range(n)}
+    sent = {i: [e["msg_id"] for e in ev if e["event"] == "sent"] for i, ev in events.items()}
+    received = {i: [(e["msg_id"], e["latency_ms"]) for e in ev if e["event"] == "recv" and "latency_ms" in e]
+                for i, ev in events.items()}  # fmt: skip
+    result = summarize(sent, received, cpu_s)
+    result["drops"] = {i: next((e["drops"] for e in ev if e["event"] == "status"), None) for i, ev in events.items()}
+    return result
+
+
+# ----------------------------------------------------------------------------- plain TCP baseline
+HEADER = struct.Struct(">IdQ")  # length, send time, message id
+
+
+async def tcp_node(index: int, ports: list[int], size: int, duration: float, start_at: float, out: Path) -> None:
+    received: list[tuple[str, float]] = []
+    sent: list[str] = []
+
+    async def on_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                length, sent_at, msg = HEADER.unpack(await reader.readexactly(HEADER.size))
+                await reader.readexactly(length)
+                received.append((str(msg), 1000.0 * (time.time() - sent_at)))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    server = await asyncio.start_server(on_peer, "127.0.0.1", ports[index])
+    await asyncio.sleep(max(0.0, start_at - 2.0 - time.time()))
+    writers = []
+    for j, port in enumerate(ports):
+        if j != index:
+            for _ in range(50):
+                try:
+                    writers.append((await asyncio.open_connection("127.0.0.1", port))[1])
+                    break
+                except ConnectionError:
+                    await asyncio.sleep(0.1)
+    payload = os.urandom(size)
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    for k in range(int(duration)):
+        msg_id = index * 1_000_000 + k
+        frame = HEADER.pack(len(payload), time.time(), msg_id) + payload
+        for writer in writers:
+            writer.write(frame)
+        await asyncio.gather(*(w.drain() for w in writers))
+        sent.append(str(msg_id))
+        await asyncio.sleep(max(0.0, start_at + k + 1 - time.time()))
+    await asyncio.sleep(3.0)
+    out.write_text(json.dumps({"sent": sent, "received": received}))
+    for writer in writers:
+        writer.close()
+    server.close()
+
+
+def run_tcp(n: int, size: int, duration: float, workdir: Path) -> dict:
+    ports = [free_port() for _ in range(n)]
+    start_at = time.time() + 4.0
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--tcp-node", str(i), "--tcp-ports", ",".join(map(str, ports)),
+                          "--sizes", str(size), "--duration", str(duration), "--tcp-start-at", f"{start_at:.3f}",
+                          "--tcp-out", str(workdir / f"tcp{i}.json")])  # fmt: skip
+        for i in range(n)
+    ]
+    wait_for_start(start_at)
+    pids = [p.pid for p in procs]
+    cpu_before = cpu_seconds(pids)
+    time.sleep(duration)
+    cpu_s = cpu_seconds(pids) - cpu_before
+    for proc in procs:
+        proc.wait(timeout=duration + 30)
+    data = {i: json.loads((workdir / f"tcp{i}.json").read_text()) for i in range(n)}
+    return summarize(
+        {i: d["sent"] for i, d in data.items()}, {i: [tuple(r) for r in d["received"]] for i, d in data.items()}, cpu_s
+    )
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 1) if a is not None and b else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=8)
+    parser.add_argument("--sizes", default="8192,65536", help="comma-separated envelope sizes in bytes")
+    parser.add_argument("--duration", type=float, default=40.0, help="seconds of publishing per size")
+    parser.add_argument("--warmup", type=float, default=12.0, help="seconds for processes to start and mesh")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gossip.json")
+    parser.add_argument("--tcp-node", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--tcp-ports", help=argparse.SUPPRESS)
+    parser.add_argument("--tcp-start-at", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--tcp-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.tcp_node is not None:
+        ports = [int(p) for p in args.tcp_ports.split(",")]
+        asyncio.run(tcp_node(args.tcp_node, ports, sizes[0], args.duration, args.tcp_start_at, args.tcp_out))
+        return 0
+
+    results: dict[str, Any] = {}
+    for size in sizes:
+        with tempfile.TemporaryDirectory(prefix="snb-", dir="/tmp") as tmp:
+            print(f"size {size}: gossip, {args.nodes} nodes, {args.duration:.0f} s ...", flush=True)
+            gossip = run_gossip(args.nodes, size, args.duration, args.warmup, Path(tmp))
+            print(f"size {size}: plain TCP fan-out ...", flush=True)
+            tcp = run_tcp(args.nodes, size, args.duration, Path(tmp))
+        results[str(size)] = {
+            "gossip": gossip,
+            "tcp_fanout": tcp,
+            "ratios_gossip_over_tcp": {
+                "latency_p50": ratio(gossip["latency_p50_ms"], tcp["latency_p50_ms"]),
+                "latency_p95": ratio(gossip["latency_p95_ms"], tcp["latency_p95_ms"]),
+                "cpu_ms_per_delivery": ratio(gossip["cpu_ms_per_delivery"], tcp["cpu_ms_per_delivery"]),
+            },
+            "bar_met": gossip["delivery_ratio"] == 1.0 and gossip["latency_p95_ms"] <= 100.0,
+        }
+        print(json.dumps(results[str(size)], indent=1), flush=True)
+    report = {
+        "bench": "gossip",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "config": {"nodes": args.nodes, "rate_msgs_per_s_per_node": 1, "duration_s": args.duration, "sizes": sizes},
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
