@@ -33,7 +33,7 @@ def test_silo_rounds_write_metrics_and_checkpoints_then_resume(tmp_path: Path):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = metrics(tmp_path)
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert REQUIRED_KEYS <= set(rows[0]), set(rows[0])
+    assert set(rows[0]) >= REQUIRED_KEYS, set(rows[0])
     assert all(r["silo"] for r in rows)
     assert 0.0 <= rows[0]["reward_mean"] <= 1.0 and rows[0]["tokens_per_s"] > 0
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())

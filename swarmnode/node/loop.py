@@ -136,11 +136,7 @@ class Node:
         local, gen_stats = self.generate_local(round_index)
         published = 0
         if rt.network is not None and local:
-            published = (
-                len(local)
-                if rt.network.publish_rollouts([s.group for s in local], node_round=round_index)
-                else 0
-            )
+            published = rt.network.publish_rollouts([s.group for s in local], node_round=round_index)
         intake = self.take_in_external()
         local_rewards = [r for s in local for r in s.rewards]
         pass_rate = sum(local_rewards) / len(local_rewards) if local_rewards else 0.0

@@ -35,6 +35,11 @@ class SwarmNetwork:
         self.decode_errors: Counter[str] = Counter()
         self.rollout_sequence = wire.Sequencer()
         self.heartbeat_sequence = wire.Sequencer()
+        # Peers rate-limit every origin (p2p.rate_msgs_per_s); a node whose rounds are faster than
+        # half that rate merges several rounds' groups into one batch instead of being banned.
+        self.min_publish_interval_s = 2.0 / cfg.p2p.rate_msgs_per_s
+        self._pending: list[RolloutGroup] = []
+        self._last_publish = -float("inf")
 
     def start(self) -> None:
         self.client.start()
@@ -42,17 +47,21 @@ class SwarmNetwork:
     def close(self) -> None:
         self.client.stop()
 
-    def publish_rollouts(self, groups: list[RolloutGroup], node_round: int) -> bool:
+    def publish_rollouts(self, groups: list[RolloutGroup], node_round: int) -> int:
+        """Queue this round's groups and publish them as one signed batch when the rate allows;
+        returns the number of groups handed to the host now."""
+        self._pending = (self._pending + groups)[-self.cfg.p2p.max_groups_per_batch :]
+        now = time.monotonic()
+        if now - self._last_publish < self.min_publish_interval_s:
+            return 0
+        batch, self._pending = self._pending, []
+        self._last_publish = now
         payload = wire.encode_rollout_batch(
-            groups,
-            node_round=node_round,
-            sequence=self.rollout_sequence.next(),
-            model_id=self.model_id,
+            batch, node_round=node_round, sequence=self.rollout_sequence.next(), model_id=self.model_id,
             created_at=time.time(),
         )
-        return self.client.publish(
-            wire.Kind.ROLLOUT_BATCH, wire.seal(self.identity, wire.Kind.ROLLOUT_BATCH, payload)
-        )
+        sealed = wire.seal(self.identity, wire.Kind.ROLLOUT_BATCH, payload)
+        return len(batch) if self.client.publish(wire.Kind.ROLLOUT_BATCH, sealed) else 0
 
     def publish_heartbeat(self, beat: wire.NodeHeartbeat) -> bool:
         # The host never delivers our own messages back: put ourselves in the view directly.
