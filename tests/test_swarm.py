@@ -95,6 +95,8 @@ def test_every_node_receives_verifies_and_trains_on_external_groups(swarm):
         assert sources and sources <= honest_peers, sources
         assert any(r["num_tokens_external"] > 0 for r in rows)
         assert any(r["reward_mean_external"] is not None for r in rows)
+        # Headline reward = own rollouts only; the trainer's batch figure mixes in external groups.
+        assert all("batch_reward_mean" in r and r["used_local"] == 4 for r in rows)
 
 
 def test_forged_question_text_is_rejected_counted_and_never_trained_on(swarm):

@@ -150,6 +150,9 @@ class Node:
         self.pool.take(chosen)
         external = [p.scored for p in chosen]
         train_stats = rt.trainer.step(local + external) if local or external else {}
+        # The trainer's reward and zero-std figures cover the whole batch (local + external);
+        # the round's headline figures below are the node's own rollouts.
+        train_stats = {f"batch_{k}" if k in ("reward_mean", "frac_zero_std") else k: v for k, v in train_stats.items()}
         rt.backend.sync_weights()
         ext_rewards = [r for s in external for r in s.rewards]
         metrics: dict[str, Any] = {
