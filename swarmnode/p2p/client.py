@@ -17,6 +17,7 @@ import queue
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -42,7 +43,8 @@ SOCKET_NAME = "p2p.sock"
 HOST_LOG_NAME = "p2p-host.log"
 HOST_CONFIG_NAME = "p2p-host.json"
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
-STABLE_AFTER_S = 30.0  # a host that ran this long resets the restart backoff
+STABLE_AFTER_S = 30.0
+MAX_SOCKET_PATH = 100  # bytes; the kernel's limit for a Unix socket path is 108  # a host that ran this long resets the restart backoff
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class P2PClient:
         self.key_path = Path(key_path)
         self.run_dir = Path(run_dir)
         self.socket_path = self.run_dir / SOCKET_NAME
+        self._socket_dir: Path | None = None  # a short private directory when run_dir is too deep
         self._python = python
         self._outbox: queue.Queue[Frame] = queue.Queue(maxsize=publish_queue)
         self._inbox: queue.Queue[Received] = queue.Queue(maxsize=cfg.receive_queue)
@@ -96,10 +99,11 @@ class P2PClient:
         if self._listener is not None:
             raise RuntimeError("P2PClient.start() called twice; create a new client instead")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if len(str(self.socket_path)) > 100:
-            raise ValueError(
-                f"run_dir {self.run_dir} is too long for a Unix socket path; use a shorter data directory"
-            )
+        if len(str(self.socket_path)) > MAX_SOCKET_PATH:
+            # Unix socket paths are limited to ~108 bytes; a deep data directory (a simulation's
+            # runs/<config>/seed-<s>/node-<i>) gets a private short directory instead.
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="swarmnode-p2p-"))
+            self.socket_path = self._socket_dir / SOCKET_NAME
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -147,6 +151,9 @@ class P2PClient:
             self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
+        if self._socket_dir is not None:
+            with contextlib.suppress(OSError):
+                self._socket_dir.rmdir()
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
         """Block (at start-up only, never in the loop) until the host sent its first snapshot."""
@@ -170,9 +177,19 @@ class P2PClient:
         """Tell the host a peer sent something the node rejected after its own checks."""
         return self._enqueue(Report(peer_id=peer_id, reason=_kind_name(reason)))
 
-    def drain(self, max_items: int = 1 << 30) -> list[Received]:
-        """Take up to ``max_items`` received messages without waiting."""
+    def drain(self, max_items: int = 1 << 30, timeout: float = 0.0) -> list[Received]:
+        """Take up to ``max_items`` received messages.
+
+        With ``timeout`` > 0, block up to that many seconds for the first one (woken the moment it
+        arrives) instead of polling: a sleep-and-poll loop in each of N node processes costs CPU and
+        GIL hand-offs that the host processes need during a burst of deliveries.
+        """
         items: list[Received] = []
+        if timeout > 0 and max_items > 0:
+            try:
+                items.append(self._inbox.get(timeout=timeout))
+            except queue.Empty:
+                return items
         while len(items) < max_items:
             try:
                 items.append(self._inbox.get_nowait())

@@ -50,6 +50,7 @@ BENCH_TASK = TaskRef("bench", "0" * 16, 0, 0, "0")
 COMPLETIONS_PER_GROUP = 8
 MAX_COMPLETION_CHARS = 8000
 ATTACK_AFTER_SENDS = 2  # let the mesh settle so every neighbour sees every attack
+STOP_CHECK_S = 0.1  # longest wait in the loop, so SIGTERM/SIGINT stop it promptly
 ATTACKS = ("forged_signature", "tampered_payload", "oversize", "replay", "garbage")
 
 
@@ -175,8 +176,11 @@ def run(args: argparse.Namespace, log: JsonLines, should_stop: Callable[[], bool
                         client.publish(Kind.ROLLOUT_BATCH, bad)
                         log.write("attack", name=name, msg_id=message_id(bad).hex(), bytes=len(bad))
                     next_send = max(next_send + 1.0 / args.rate, now)  # a late start does not burst
-                record_received(client.drain(), caps, log)
-                time.sleep(0.002)
+                # Wait for deliveries until the next send (bounded so a stop request is seen soon).
+                wake_at = next_send if next_send < end else end + args.linger
+                wait = min(max(wake_at - time.time(), 0.0), STOP_CHECK_S)
+                items = client.drain(timeout=wait) if wait > 0 else client.drain()
+                record_received(items, caps, log)
             status = client.status()
             log.write("status", **asdict(status))
         finally:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 _PREFIX = struct.Struct(">IH")
@@ -72,7 +72,8 @@ _FRAME_TYPES: dict[str, type] = {cls.__name__.lower(): cls for cls in (Publish, 
 
 def encode_frame(frame: Frame) -> bytes:
     """One frame as bytes ready for the socket."""
-    values = asdict(frame)
+    # Shallow: dataclasses.asdict() deep-copies nested dicts (a Snapshot's whole status).
+    values = {f.name: getattr(frame, f.name) for f in fields(frame)}
     data = values.pop("data", b"")
     header = json.dumps({"type": type(frame).__name__.lower(), **values}, separators=(",", ":")).encode()
     body_len = 2 + len(header) + len(data)

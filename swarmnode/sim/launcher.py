@@ -185,8 +185,15 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-timeout", type=float, default=3600.0, help="seconds before a run is stopped")
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def simulate_command(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
+    # Ctrl-C and SIGTERM both stop every node cleanly (a shell may start us with SIGINT ignored).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     experiment = with_overrides(load_experiment(args.experiment), nodes=args.nodes, rounds=args.rounds,
                                 seeds=args.seeds)
     out = args.out or Path("runs") / experiment.name
