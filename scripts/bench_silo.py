@@ -21,7 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from swarmnode.config import config_from_dict  # noqa: E402
+from swarmnode.config import config_from_dict, parse_override, set_dotted  # noqa: E402
 from swarmnode.node.loop import Node  # noqa: E402
 from swarmnode.node.runtime import build_runtime, stderr_console  # noqa: E402
 
@@ -38,8 +38,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from swarmnode.config import parse_override
-
     console = stderr_console()
     with tempfile.TemporaryDirectory(prefix="bench-silo-") as tmp:
         tree: dict = {
@@ -48,12 +46,7 @@ def main() -> int:
             "admin": {"metrics_listen": None},
         }
         for item in args.overrides:
-            key, value = parse_override(item)
-            node = tree
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
+            set_dotted(tree, *parse_override(item))
         cfg = config_from_dict(tree)
         rt = build_runtime(cfg, console)
         node = Node(cfg, rt)

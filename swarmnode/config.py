@@ -166,7 +166,8 @@ def _describe_error(err: dict[str, Any]) -> str:
     return f"{key}: {msg} (got {got!r})"
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_dotted(t, "grpo.beta", 0.1)`` sets ``t["grpo"]["beta"]``, creating sections on the way."""
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -226,7 +227,7 @@ def load_config(
     merged = dict(env_overrides(os.environ if environ is None else environ))
     merged.update(overrides or {})
     for key, value in merged.items():
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     return config_from_dict(tree)
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swarmnode.config import ConfigError, NodeConfig, config_from_dict
+from swarmnode.config import ConfigError, NodeConfig, config_from_dict, set_dotted
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -69,18 +69,11 @@ class Experiment:
         ]
         for layer in layers:
             for key, value in layer.items():
-                _set(tree, key, value)
+                set_dotted(tree, key, value)
         try:
             return config_from_dict(tree)
         except ConfigError as exc:
             raise ConfigError(f"experiment {self.name}, configuration {configuration.name!r}, node {index}: {exc}") from None
-
-
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        tree = tree.setdefault(part, {})
-    tree[parts[-1]] = value
 
 
 def builtin_experiments() -> list[str]:
