@@ -7,7 +7,12 @@ size and per system: delivery ratio, p50/p95 latency (publish -> drained by the 
 CPU ms per delivery (all processes, measured over the publishing window from /proc), and the
 gossip/TCP ratios. Writes bench/results/gossip.json.
 
+Schedule: by default each node publishes at its own phase within the second (node i at i/N s),
+as independent nodes whose rounds are not in step do; `--schedule synchronized` makes all N
+publish on the same tick, the worst case for a 2-core machine running 2N processes.
+
     .venv/bin/python scripts/bench_gossip.py                     # the full run (~3 minutes)
+    .venv/bin/python scripts/bench_gossip.py --schedule synchronized --out bench/results/gossip_synchronized.json
     .venv/bin/python scripts/bench_gossip.py --duration 5 --nodes 4 --sizes 8192   # smoke
 """
 
@@ -88,7 +93,13 @@ def wait_for_start(start_at: float) -> None:
 
 
 # ----------------------------------------------------------------------------- gossip swarm
-def run_gossip(n: int, size: int, duration: float, warmup: float, workdir: Path) -> dict:
+def phase(i: int, n: int, schedule: str) -> float:
+    """Seconds node i publishes after the common tick: spread evenly over the 1 s period when
+    staggered (independent nodes' rounds are not in step), all at once when synchronized."""
+    return i / n if schedule == "staggered" else 0.0
+
+
+def run_gossip(n: int, size: int, duration: float, warmup: float, workdir: Path, schedule: str) -> dict:
     keys = [workdir / f"k{i}" for i in range(n)]
     ids = [Identity.load_or_create(k).peer_id for k in keys]
     ports = [free_port() for _ in range(n)]
@@ -100,7 +111,7 @@ def run_gossip(n: int, size: int, duration: float, warmup: float, workdir: Path)
         bootstraps = [addr[j] for j in (0, 1, 2) if j != i][:2]
         cmd = [sys.executable, "-m", "swarmnode.p2p.gossip_node", "--key", str(keys[i]),
                "--run-dir", str(workdir / f"r{i}"), "--listen", f"/ip4/127.0.0.1/tcp/{ports[i]}",
-               "--payload-bytes", str(size), "--rate", "1", "--start-at", f"{start_at:.3f}",
+               "--payload-bytes", str(size), "--rate", "1", "--start-at", f"{start_at + phase(i, n, schedule):.3f}",
                "--duration", str(duration), "--linger", "5", "--out", str(workdir / f"o{i}.jsonl"),
                "--seed", str(i)]  # fmt: skip
         for b in bootstraps:
@@ -175,12 +186,13 @@ async def tcp_node(index: int, ports: list[int], size: int, duration: float, sta
     server.close()
 
 
-def run_tcp(n: int, size: int, duration: float, workdir: Path) -> dict:
+def run_tcp(n: int, size: int, duration: float, workdir: Path, schedule: str) -> dict:
     ports = [free_port() for _ in range(n)]
     start_at = time.time() + 4.0
     procs = [
         subprocess.Popen([sys.executable, __file__, "--tcp-node", str(i), "--tcp-ports", ",".join(map(str, ports)),
-                          "--sizes", str(size), "--duration", str(duration), "--tcp-start-at", f"{start_at:.3f}",
+                          "--sizes", str(size), "--duration", str(duration),
+                          "--tcp-start-at", f"{start_at + phase(i, n, schedule):.3f}",
                           "--tcp-out", str(workdir / f"tcp{i}.json")])  # fmt: skip
         for i in range(n)
     ]
@@ -208,6 +220,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=40.0, help="seconds of publishing per size")
     parser.add_argument("--warmup", type=float, default=12.0, help="seconds for processes to start and mesh")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gossip.json")
+    parser.add_argument("--schedule", choices=["staggered", "synchronized"], default="staggered",
+                        help="publish phases: spread over each second (independent nodes) or all at once (worst case)")
     parser.add_argument("--tcp-node", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tcp-ports", help=argparse.SUPPRESS)
     parser.add_argument("--tcp-start-at", type=float, help=argparse.SUPPRESS)
@@ -223,9 +237,9 @@ def main() -> int:
     for size in sizes:
         with tempfile.TemporaryDirectory(prefix="snb-", dir="/tmp") as tmp:
             print(f"size {size}: gossip, {args.nodes} nodes, {args.duration:.0f} s ...", flush=True)
-            gossip = run_gossip(args.nodes, size, args.duration, args.warmup, Path(tmp))
+            gossip = run_gossip(args.nodes, size, args.duration, args.warmup, Path(tmp), args.schedule)
             print(f"size {size}: plain TCP fan-out ...", flush=True)
-            tcp = run_tcp(args.nodes, size, args.duration, Path(tmp))
+            tcp = run_tcp(args.nodes, size, args.duration, Path(tmp), args.schedule)
         results[str(size)] = {
             "gossip": gossip,
             "tcp_fanout": tcp,
@@ -241,7 +255,8 @@ def main() -> int:
         "bench": "gossip",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "config": {"nodes": args.nodes, "rate_msgs_per_s_per_node": 1, "duration_s": args.duration, "sizes": sizes},
+        "config": {"nodes": args.nodes, "rate_msgs_per_s_per_node": 1, "duration_s": args.duration, "sizes": sizes,
+                   "schedule": args.schedule},
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

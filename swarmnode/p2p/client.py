@@ -43,8 +43,8 @@ SOCKET_NAME = "p2p.sock"
 HOST_LOG_NAME = "p2p-host.log"
 HOST_CONFIG_NAME = "p2p-host.json"
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
-STABLE_AFTER_S = 30.0
-MAX_SOCKET_PATH = 100  # bytes; the kernel's limit for a Unix socket path is 108  # a host that ran this long resets the restart backoff
+STABLE_AFTER_S = 30.0  # a host that ran this long resets the restart backoff
+MAX_SOCKET_PATH = 100  # bytes; the kernel's limit for a Unix socket path is 108
 
 
 @dataclass(frozen=True)
