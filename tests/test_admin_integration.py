@@ -211,6 +211,7 @@ def test_operator_cli_against_a_three_node_swarm(swarm: Swarm) -> None:
     peers = cli_json("peers", "--node", node_a)
     assert {swarm.peer_ids["b"], swarm.peer_ids["c"]} <= {p["peer_id"] for p in peers}
     assert all(p["msgs_in"] > 0 and p["verdicts"].get("accepted", 0) > 0 for p in peers)
+    assert all(p["addrs"] and p["addrs"][0].startswith("/ip4/127.0.0.1/tcp/") for p in peers)
 
     # A forged heartbeat from a 4th peer is rejected by A and counted.
     forger_dir = tmp_path / "forger"

@@ -232,7 +232,7 @@ class RuntimeAdminSource:
         return [
             PeerInfo(
                 peer_id=p.peer_id,
-                addrs=list(getattr(p, "addrs", ())),
+                addrs=list(p.addrs),
                 connected_since=p.connected_since,
                 msgs_in=p.msgs_in,
                 msgs_out=p.msgs_out,

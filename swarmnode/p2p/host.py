@@ -439,7 +439,7 @@ class SwarmHost:
             if scores.is_banned(name):
                 continue  # listed under "banned"; it is cut again within a second if it redials
             verdicts = {str(reason): n for reason, n in self.pipeline.peer_counts(name).items()}
-            peers.append({"peer_id": name, **asdict(counters), "verdicts": verdicts,
+            peers.append({"peer_id": name, "addrs": self._addrs_of(peer), **asdict(counters), "verdicts": verdicts,
                           "score": round(scores.score(name), 3), "in_mesh": peer in mesh})  # fmt: skip
         verdicts: dict[str, int] = defaultdict(int)
         for (_kind, reason), n in self.pipeline.counts.items():
@@ -455,6 +455,12 @@ class SwarmHost:
             "silo": self.silo,
             "snapshot_at": time.time(),
         }
+
+    def _addrs_of(self, peer: ID) -> list[str]:
+        try:
+            return sorted({str(a) for a in self.host.get_peerstore().addrs(peer)})[:8]
+        except Exception:  # the peerstore raises for a peer without stored addresses
+            return []
 
     async def _snapshot_loop(self) -> None:
         while True:

@@ -122,6 +122,7 @@ class PeerStatus:
 
     peer_id: str
     connected_since: float
+    addrs: tuple[str, ...] = ()  # known multiaddrs of the peer
     msgs_in: int = 0
     bytes_in: int = 0
     msgs_out: int = 0  # own publishes sent while this peer was in our mesh
