@@ -9,6 +9,7 @@ metrics, heartbeats, progress display, clean shutdown.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -64,6 +65,11 @@ class NodeRuntime:
     round: int = 0
     recent_rewards: list[float] = field(default_factory=list)
     p2p_state: str = "disabled"
+
+    @functools.cached_property
+    def config_digest(self) -> str:
+        """Short digest of the resolved config, to compare nodes at a glance."""
+        return hashlib.sha256(self.cfg.to_toml().encode()).hexdigest()[:12]
 
     # -- checkpoints ---------------------------------------------------------------------------
     @property
@@ -217,7 +223,7 @@ class RuntimeAdminSource:
             listen_addrs=list(p2p.listen_addrs) if p2p else [],
             data_dir=str(rt.cfg.data_dir),
             started_at=rt.started_at,
-            config_digest=hashlib.sha256(rt.cfg.to_toml().encode()).hexdigest()[:12],
+            config_digest=rt.config_digest,
             version=__version__,
             connected_peers=len(p2p.peers) if p2p else 0,
             admin_address=rt.admin.address if rt.admin else "",
