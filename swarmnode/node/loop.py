@@ -28,7 +28,7 @@ from typing import Any
 from swarmnode.config import NodeConfig
 from swarmnode.node.runtime import NodeRuntime, build_runtime
 from swarmnode.policy.backend import SamplingParams
-from swarmnode.rl.external import ExternalPool, IntakeReason
+from swarmnode.rl.external import ExternalPool, IntakeReason, IntakeResult
 from swarmnode.rl.records import RolloutGroup, ScoredGroup
 from swarmnode.rl.sampler import SamplerContext, select_external
 
@@ -119,7 +119,7 @@ class Node:
                 counters.received += 1
                 result = self.rt.intake.process(group)
                 if result.reason is IntakeReason.ACCEPTED and not self.pool.add(result.scored):
-                    result = type(result)(IntakeReason.DUPLICATE)
+                    result = IntakeResult(IntakeReason.DUPLICATE)
                 if result.reason is IntakeReason.ACCEPTED:
                     counters.accepted += 1
                     continue

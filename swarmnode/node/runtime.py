@@ -64,7 +64,6 @@ class NodeRuntime:
     last_heartbeat: float = 0.0
     round: int = 0
     recent_rewards: list[float] = field(default_factory=list)
-    p2p_state: str = "disabled"
 
     @functools.cached_property
     def config_digest(self) -> str:
@@ -219,7 +218,7 @@ class RuntimeAdminSource:
             recent_rewards=list(rt.recent_rewards),
             uptime_s=time.time() - rt.started_at,
             silo=p2p is None or p2p.silo,
-            p2p_state=rt.p2p_state if p2p is None else ("running" if p2p.host_running else "restarting"),
+            p2p_state="disabled" if p2p is None else ("running" if p2p.host_running else "restarting"),
             listen_addrs=list(p2p.listen_addrs) if p2p else [],
             data_dir=str(rt.cfg.data_dir),
             started_at=rt.started_at,
@@ -278,7 +277,7 @@ def round_summary(m: dict[str, Any]) -> str:
 
 def build_runtime(cfg: NodeConfig, console: Console | None = None) -> NodeRuntime:
     """Set up every part of a node; each step says what it does. Raises with actionable messages."""
-    console = console or Console(stderr=True)
+    console = console or stderr_console()
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     os.environ.setdefault("HF_HUB_OFFLINE", "1" if cfg.model.path.startswith("embedded:") else "0")
     import torch
