@@ -22,6 +22,13 @@ class RolloutGroup:
     created_at: float
     source: str = LOCAL_SOURCE  # peer id of the sender, or "local"
     sequence: int = 0  # sender's sequence number of the batch that carried it
+    # Sender-declared behaviour log-probability of each completion: the sum over its tokens of
+    # log pi_gen(token) at the sampling temperature, under the generating model and tokenizer, with
+    # its token count (for length normalisation). None when unknown (older senders). Travels signed
+    # (wire Completion.behaviour_logprob / num_tokens); a receiver must treat it as a claim, never
+    # let it push an importance weight past its cap.
+    behaviour_logprobs: tuple[float, ...] | None = None
+    behaviour_num_tokens: tuple[int, ...] | None = None
 
     @property
     def is_local(self) -> bool:
