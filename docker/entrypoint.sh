@@ -16,8 +16,10 @@
 #   SWARMNODE_LISTEN          p2p listen multiaddrs (default /ip4/0.0.0.0/tcp/4001)  --listen
 #   SWARMNODE_ANNOUNCE        multiaddrs peers should dial (behind NAT: your public address);
 #                             'auto' = this container's IP and listen port    --set p2p.announce=[...]
-#   SWARMNODE_ANNOUNCE_ADDR_FILE  write this node's dialable multiaddr (container IP + peer id)
-#                             to this file before starting (used by the local swarm's bootstrap)
+#   SWARMNODE_ANNOUNCE_ADDR_FILE  write this node's dialable multiaddr + peer id to this file
+#                             before starting (used by the local swarm's bootstrap): the first
+#                             announce address, else the listen address unless it is 0.0.0.0,
+#                             else the container's IP and listen port
 #   SWARMNODE_ROUNDS          rounds to run                          --rounds
 #   SWARMNODE_DEVICE          auto|cpu|cuda|mps                      --device
 #   SWARMNODE_BACKEND         auto|transformers|vllm                 --backend
@@ -26,6 +28,9 @@
 #   SWARMNODE_NAME            node name                              --set name=...
 #   SWARMNODE_ADMIN_ADDR      admin gRPC address (default 127.0.0.1:7070, used by the healthcheck)
 #   SWARMNODE_METRICS_ADDR    Prometheus address (default 0.0.0.0:9100)
+#   SWARMNODE_METRICS_PUBLIC  true: /metrics off loopback without a token (the node warns);
+#                             default: true only for the image's own 0.0.0.0:9100 (reached through
+#                             `docker run -p`); otherwise Prometheus sends SWARMNODE__ADMIN__TOKEN
 #   SWARMNODE_DRY_RUN         1 = print the final command (one argument per line) and exit
 # Any SWARMNODE__SECTION__KEY=value variable is read by swarmnode itself (config override).
 set -euo pipefail
@@ -68,20 +73,21 @@ listen_port() {  # TCP port of the first listen multiaddr
     split_words "${SWARMNODE_LISTEN:-/ip4/0.0.0.0/tcp/4001}" | head -n1 | awk -F/ '{print $5}'
 }
 
-write_own_addr() {
-    local file="$1" key_path="$data_dir/identity.key" port
+write_own_addr() {  # file, then the address peers dial (empty: container IP + listen port)
+    local file="$1" base="${2:-}" key_path="$data_dir/identity.key" port
     port="$(listen_port)"
     mkdir -p "$(dirname "$file")" "$data_dir"
-    python - "$key_path" "$port" "$file" <<'PY'
+    python - "$key_path" "$port" "$file" "$base" <<'PY'
 import os, socket, sys
 from swarmnode.identity import Identity
 
-key_path, port, out = sys.argv[1:4]
+key_path, port, out, base = sys.argv[1:5]
 peer_id = Identity.load_or_create(key_path).peer_id
-ip = socket.gethostbyname(socket.gethostname())
+if not base:
+    base = f"/ip4/{socket.gethostbyname(socket.gethostname())}/tcp/{port}"
 tmp = f"{out}.{os.getpid()}"
 with open(tmp, "w") as f:
-    f.write(f"/ip4/{ip}/tcp/{port}/p2p/{peer_id}\n")
+    f.write(f"{base}/p2p/{peer_id}\n")
 os.replace(tmp, out)  # readers never see a partial address
 PY
     say "wrote my address to $file: $(cat "$file")"
@@ -106,6 +112,12 @@ esac
 
 cmd=(swarmnode run --data-dir "$data_dir"
      --set "admin.listen=$admin_addr" --set "admin.metrics_listen=$metrics_addr")
+# The image's own 0.0.0.0 default is reachable only through `docker run -p`'s mapping: serve it
+# without a token (the node warns). An address the user chose gets the node's rule: off loopback,
+# the admin token, unless SWARMNODE_METRICS_PUBLIC=true.
+metrics_public="${SWARMNODE_METRICS_PUBLIC:-}"
+[[ -z "$metrics_public" && -z "${SWARMNODE_METRICS_ADDR:-}" ]] && metrics_public=true
+[[ -n "$metrics_public" ]] && cmd+=(--set "admin.metrics_public=$metrics_public")
 [[ -n "${SWARMNODE_CONFIG:-}" ]] && cmd+=(--config "$SWARMNODE_CONFIG")
 while read -r addr; do
     cmd+=(--listen "$addr")
@@ -139,7 +151,14 @@ fi
 [[ -n "${SWARMNODE_NAME:-}" ]] && cmd+=(--set "name=$SWARMNODE_NAME")
 
 if [[ -n "${SWARMNODE_ANNOUNCE_ADDR_FILE:-}" && "${SWARMNODE_DRY_RUN:-0}" != "1" ]]; then
-    write_own_addr "$SWARMNODE_ANNOUNCE_ADDR_FILE"
+    # The address peers dial: the first announce address, else a specific listen address (the
+    # loopback one on the host network), else the container's IP (write_own_addr's default).
+    own_addr="$(split_words "$announce" | head -n1)"
+    if [[ -z "$own_addr" ]]; then
+        own_addr="$(split_words "${SWARMNODE_LISTEN:-/ip4/0.0.0.0/tcp/4001}" | head -n1)"
+        [[ "$own_addr" == /ip4/0.0.0.0/* ]] && own_addr=""
+    fi
+    write_own_addr "$SWARMNODE_ANNOUNCE_ADDR_FILE" "$own_addr"
 fi
 
 launch "${cmd[@]}" "$@"

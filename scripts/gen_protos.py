@@ -84,7 +84,9 @@ def _differences(expected: Path, actual: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when out of sync")
-    parser.add_argument("--gen-dir", type=Path, default=GEN_DIR, help="generated package (default: %(default)s)")
+    parser.add_argument(
+        "--gen-dir", type=Path, default=GEN_DIR, help="generated package (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     gen_dir: Path = args.gen_dir.resolve()
 

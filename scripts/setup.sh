@@ -12,5 +12,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "$TORCH"
-.venv/bin/python -m pip install --quiet -e '.[dev]'
+# The ray extra runs the Ray simulation test; "$TORCH" again so that nothing replaces the pinned torch.
+.venv/bin/python -m pip install --quiet -e '.[dev,ray]' "$TORCH"
 echo "swarmnode installed in .venv ($(.venv/bin/swarmnode --version))"

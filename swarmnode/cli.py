@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from swarmnode import __version__
-from swarmnode.config import NodeConfig, load_config, parse_override
+from swarmnode.config import NodeConfig, load_config, parse_override, without_secrets
 
 
 def _run_flags(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +108,7 @@ def cmd_key(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(config_from_args(args).to_toml(), end="")
+    print(without_secrets(config_from_args(args)).to_toml(), end="")  # terminals and logs keep output
     return 0
 
 
@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(run)
     run.set_defaults(func=cmd_run)
 
-    show = sub.add_parser("config", help="print the resolved config for the given flags and exit")
+    show = sub.add_parser(
+        "config", help="print the resolved config for the given flags and exit (secrets redacted)"
+    )
     _run_flags(show)
     show.set_defaults(func=cmd_config)
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "SWARMNODE__"
 
@@ -38,14 +39,31 @@ class ModelConfig(_Section):
     backend: Literal["auto", "transformers", "vllm"] = Field(
         "auto", description="generation backend; 'auto' picks vLLM on CUDA when it is installed"
     )
-    gpu_memory_utilization: float = Field(0.35, gt=0.0, le=1.0, description="vLLM's share of GPU memory")
+    gpu_memory_utilization: float = Field(
+        0.35, gt=0.0, le=1.0, description="vLLM's share of the node's GPU memory (times gpu_memory_fraction)"
+    )
     system_prompt: str | None = Field(
         None, description="system message for chat templates; None uses the model's default"
     )
 
 
+class TaskMixEntry(_Section):
+    """One dataset of an inline task mix: reasoning-gym name, config overrides (no seed), weight."""
+
+    dataset: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    weight: float = Field(1.0, gt=0.0)
+
+
 class TaskConfig(_Section):
     preset: str = Field("easy", description="task mix: 'easy', 'paper', or a single reasoning-gym dataset")
+    mix: list[TaskMixEntry] = Field(
+        default_factory=list, description="inline task mix to sample (replaces preset when non-empty)"
+    )
+    verify_extra: list[TaskMixEntry] = Field(
+        default_factory=list,
+        description="tasks this node verifies (peers' groups) and evaluates on but does not sample itself",
+    )
     partial_credit: bool = Field(False, description="reward = reasoning-gym score instead of score == 1")
     eval_size: int = Field(200, ge=1, description="held-out questions for greedy accuracy")
 
@@ -69,12 +87,36 @@ class GRPOConfig(_Section):
         0, ge=0, description="sequences per forward/backward pass; 0 = sized from the logits memory"
     )
     scale_rewards: bool = Field(True, description="divide advantages by the group's reward std")
+    external_loss_share: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="share of the loss given to external groups; None = their share of the groups (J / (I + J))",
+    )
+    max_source_loss_share: float = Field(
+        0.5, gt=0.0, le=1.0, description="most of the loss one sender's groups may weigh in an update"
+    )
+    off_policy: Literal["none", "positive_only", "importance", "topr"] = Field(
+        "positive_only",
+        description="external completions: 'none' (as on-policy, the paper), 'positive_only' (negative "
+        "advantages get zero weight), 'importance' (truncated sequence importance weight from the "
+        "sender's declared behaviour log-prob), 'topr' (positives 1, negatives truncated weight)",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each layer's activations in backward: far less memory for ~30 % more compute",
+    )
+    importance_cap: float = Field(
+        1.0, gt=0.0, le=100.0, description="truncation of the importance weight pi_local / pi_sender"
+    )
 
 
 class SamplerConfig(_Section):
     local_groups: int = Field(8, ge=0, description="I: own rollout groups per round")
     external_groups: int = Field(0, ge=0, description="J: external rollout groups per round")
-    strategy: str = Field("uniform", description="external selection strategy ('uniform', 'variance', ...)")
+    strategy: Literal["uniform", "variance", "difficulty"] = Field(
+        "uniform", description="external selection strategy (swarmnode.rl.sampler.STRATEGIES)"
+    )
     per_source_cap: int = Field(0, ge=0, description="max external groups per sender per round (0 = no cap)")
     max_age_s: float = Field(120.0, gt=0.0, description="drop external groups older than this")
     max_round_lag: int = Field(
@@ -123,11 +165,86 @@ class P2PConfig(_Section):
         return self
 
 
+ADMIN_TOKEN_MIN_CHARS = 16  # the floor; `openssl rand -hex 16` gives 32 characters (128 bits)
+REDACTED = "(redacted: set it with SWARMNODE__ADMIN__TOKEN)"
+
+
 class AdminConfig(_Section):
     listen: str = Field("127.0.0.1:0", description="admin gRPC address (port 0 = pick a free port)")
-    token: str | None = Field(None, description="required when listen is not a loopback address")
+    token: str | None = Field(
+        None,
+        repr=False,
+        description=f"bearer token (>= {ADMIN_TOKEN_MIN_CHARS} printable characters); required when "
+        "listen or metrics_listen is not a loopback address; never written to config.resolved.toml",
+    )
     metrics_listen: str | None = Field("127.0.0.1:0", description="Prometheus /metrics address; None = off")
+    metrics_public: bool = Field(
+        False,
+        description="serve /metrics without a token on a non-loopback metrics_listen (a private network, or a "
+        "container port published only to its host); otherwise /metrics there requires the admin token",
+    )
+    advertise_host: str | None = Field(
+        None,
+        description="host name or IP other operators reach this node at; when set, heartbeats advertise "
+        "HOST:admin port and HOST:metrics port so `swarmnode net` elsewhere lists them (None = advertise nothing)",
+    )
     heartbeat_interval: float = Field(30.0, gt=0.0, description="network-view heartbeat period, seconds")
+
+    @field_validator("token")
+    @classmethod
+    def _strong_token(cls, token: str | None) -> str | None:
+        if token is None:
+            return None
+        if token == REDACTED:
+            raise ValueError(
+                "holds the placeholder written to config.resolved.toml; set the real token "
+                "(SWARMNODE__ADMIN__TOKEN=...) or remove the key"
+            )
+        if len(token) < ADMIN_TOKEN_MIN_CHARS or not all("!" <= ch <= "~" for ch in token):
+            raise ValueError(
+                f"must be at least {ADMIN_TOKEN_MIN_CHARS} printable ASCII characters without spaces "
+                f"(got {len(token)} characters); generate one with `openssl rand -hex 16`"
+            )
+        return token
+
+    @field_validator("advertise_host")
+    @classmethod
+    def _plain_host(cls, host: str | None) -> str | None:
+        if host is not None and not _HOST_PATTERN.fullmatch(host):
+            raise ValueError("expected a host name or IP address such as node7.example.org or 203.0.113.7")
+        return None if host is None else host.strip("[]")
+
+    @model_validator(mode="after")
+    def _exposure_needs_a_token(self) -> AdminConfig:
+        # Checked here, at config load, so a node refuses before it loads a model (not after).
+        from swarmnode.admin.addresses import is_loopback, split_host_port
+
+        host, _ = split_host_port(self.listen, "admin.listen")
+        if not is_loopback(host) and self.token is None:
+            raise ValueError(
+                f"admin.listen = {self.listen!r} is reachable from other machines, so the admin API needs "
+                "a token: set admin.token (e.g. SWARMNODE__ADMIN__TOKEN=$(openssl rand -hex 16)) or listen "
+                "on 127.0.0.1"
+            )
+        if self.metrics_listen is not None:
+            host, _ = split_host_port(self.metrics_listen, "admin.metrics_listen")
+            if not is_loopback(host) and not self.metrics_public and self.token is None:
+                raise ValueError(
+                    f"admin.metrics_listen = {self.metrics_listen!r} is reachable from other machines: set "
+                    "admin.token (Prometheus then sends it as a bearer token), or set admin.metrics_public = "
+                    "true to serve /metrics to anyone who can reach that address, or listen on 127.0.0.1"
+                )
+        return self
+
+
+_HOST_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,251}[A-Za-z0-9])?|\[?[0-9A-Fa-f:.]{2,45}\]?")
+
+
+def without_secrets(cfg: NodeConfig) -> NodeConfig:
+    """A copy of `cfg` whose secrets (the admin token) are replaced by a placeholder, for files and digests."""
+    if cfg.admin.token is None:
+        return cfg
+    return cfg.model_copy(update={"admin": cfg.admin.model_copy(update={"token": REDACTED})})
 
 
 class NodeConfig(_Section):
@@ -136,6 +253,13 @@ class NodeConfig(_Section):
     seed: int = 0
     rounds: int = Field(100, ge=0, description="stop after this many rounds (counting resumed ones)")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    gpu_memory_fraction: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="share of the GPU's memory this node may use (simulate sets it "
+        "when nodes share a GPU); training state and vLLM size themselves from it",
+    )
     threads: int = Field(1, ge=1, description="torch threads; 1 is fastest for tiny models on shared CPUs")
     checkpoint_every: int = Field(10, ge=1, description="rounds between checkpoints")
     eval_every: int = Field(0, ge=0, description="rounds between held-out evaluations (0 = never)")
@@ -161,7 +285,7 @@ def _describe_error(err: dict[str, Any]) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         return f"{key}: unknown key"
-    if isinstance(got, Mapping):
+    if isinstance(got, Mapping) or key.endswith("token"):  # never echo a secret into logs
         return f"{key}: {msg}"
     return f"{key}: {msg} (got {got!r})"
 
@@ -246,6 +370,9 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # inline table, e.g. an entry of tasks.mix
+        items = (f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+        return "{" + ", ".join(items) + "}"
     return json.dumps(str(value))
 
 

@@ -35,6 +35,9 @@ _PB_PRIVATE_64 = _PB_ED25519_TYPE + b"\x12\x40"
 _PB_PRIVATE_32 = _PB_ED25519_TYPE + b"\x12\x20"
 _PB_PUBLIC = _PB_ED25519_TYPE + b"\x12\x20"
 _MULTIHASH_IDENTITY = b"\x00"
+# A key file is 68 bytes (36 in the short form); anything much larger is not one, and is refused
+# from its size alone rather than read into memory.
+MAX_KEY_FILE_BYTES = 4096
 
 
 class IdentityError(Exception):
@@ -84,23 +87,48 @@ class Identity:
 
     @classmethod
     def load(cls, path: str | Path) -> Identity:
-        """Read an existing key file; raises IdentityError with what to do when it is unusable."""
+        """Read an existing key file; raises IdentityError with what to do when it is unusable.
+
+        A symbolic link is followed (keys are often mounted as links, e.g. Kubernetes secrets); its
+        target must be a regular file of at most MAX_KEY_FILE_BYTES, readable by its owner only."""
         path = Path(path)
         try:
-            mode = path.stat().st_mode
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO planted here cannot hang us
         except FileNotFoundError:
-            raise IdentityError(f"key file {path} does not exist: create it with `swarmnode key init`") from None
-        if not stat.S_ISREG(mode):
-            raise IdentityError(f"key file {path} is not a regular file")
-        if mode & 0o077:
+            if path.is_symlink():
+                raise IdentityError(
+                    f"key file {path} is a symbolic link to {os.readlink(path)}, which does not exist: "
+                    "fix the link, or remove it and run `swarmnode key init`"
+                ) from None
             raise IdentityError(
-                f"key file {path} has mode {stat.S_IMODE(mode):04o}: it must be readable by its owner "
-                f"only; run `chmod 600 {path}`"
-            )
-        try:
-            data = path.read_bytes()
+                f"key file {path} does not exist: create it with `swarmnode key init`"
+            ) from None
+        except IsADirectoryError:
+            raise IdentityError(_is_a_directory(path)) from None
         except OSError as exc:
-            raise IdentityError(f"cannot read key file {path}: {exc}") from exc
+            raise IdentityError(f"cannot read key file {path}: {exc.strerror or exc}") from None
+        with contextlib.closing(_RawFile(fd)) as f:
+            info = os.fstat(fd)  # of the file opened, not of whatever the path names a moment later
+            if stat.S_ISDIR(info.st_mode):
+                raise IdentityError(_is_a_directory(path))
+            if not stat.S_ISREG(info.st_mode):
+                raise IdentityError(
+                    f"key file {path} is not a regular file: point p2p.key_path at the key file"
+                )
+            if info.st_mode & 0o077:
+                raise IdentityError(
+                    f"key file {path} has mode {stat.S_IMODE(info.st_mode):04o}: it must be readable by its "
+                    f"owner only; run `chmod 600 {path}`"
+                )
+            if info.st_size > MAX_KEY_FILE_BYTES:
+                raise IdentityError(
+                    f"key file {path} is {info.st_size} bytes, not a swarmnode key (68 bytes): check "
+                    "p2p.key_path, or move the file away and run `swarmnode key init` (a new peer id)"
+                )
+            try:
+                data = f.read(MAX_KEY_FILE_BYTES + 1)  # one call: a regular file this small is read whole
+            except OSError as exc:
+                raise IdentityError(f"cannot read key file {path}: {exc.strerror or exc}") from None
         return cls(_decode_private_key(data, path), path)
 
     @classmethod
@@ -149,32 +177,85 @@ def _decode_private_key(data: bytes, path: Path) -> SigningKey:
     raise IdentityError(hint.format(f"{len(data)} bytes of unexpected content"))
 
 
+class _RawFile:
+    """An open descriptor that `os.fdopen` would refuse (a directory) still needs closing."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, n: int) -> bytes:
+        return os.read(self.fd, n)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _is_a_directory(path: Path) -> str:
+    return (
+        f"key path {path} is a directory, not a key file: pass the file's path "
+        f"(e.g. {path / 'identity.key'}), or remove the directory"
+    )
+
+
 def _write_new_key(path: Path, key: SigningKey, *, overwrite: bool) -> None:
     """Write the key with mode 0600 via a temporary file, so no reader sees a partial key.
 
     Without ``overwrite`` the final step is a hard link, which fails with FileExistsError when the
-    path appeared meanwhile; with it, an atomic rename replaces the old key.
+    path appeared meanwhile (or is a dangling symbolic link); with it, an atomic rename replaces
+    the old key. Any other failure is an IdentityError saying what to change.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_encode_private_key(key))
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = (
+            "a file is in the way"
+            if isinstance(exc, FileExistsError | NotADirectoryError)
+            else (exc.strerror or str(exc))
+        )
+        raise IdentityError(
+            f"cannot create the key's directory {path.parent}: {reason}; choose another path "
+            "(--path or p2p.key_path)"
+        ) from None
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(_encode_private_key(key))
+                f.flush()
+                os.fsync(f.fileno())
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    except FileExistsError:
         if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+            raise IdentityError(
+                f"cannot write key file {path}: a stale {tmp} is in the way; remove it"
+            ) from None
+        raise
+    except IsADirectoryError:
+        raise IdentityError(_is_a_directory(path)) from None
+    except OSError as exc:
+        raise IdentityError(
+            f"cannot write key file {path}: {exc.strerror or exc}; choose a writable path (--path or "
+            "p2p.key_path)"
+        ) from None
 
 
 def init_key(path: str | Path, force: bool = False) -> Identity:
     """``swarmnode key init``: create a new key file; refuses to replace an existing one without force."""
     path = Path(path)
+    if path.is_symlink():
+        raise IdentityError(
+            f"{path} is a symbolic link (to {os.readlink(path)}): `swarmnode key init` never writes "
+            "through or replaces a link; remove it, or pass the real file's path with --path"
+        )
+    if path.is_dir():
+        raise IdentityError(_is_a_directory(path))
     if path.exists() and not force:
         existing = ""
         with contextlib.suppress(IdentityError):
@@ -187,7 +268,12 @@ def init_key(path: str | Path, force: bool = False) -> Identity:
         with IdentityLock(path):  # never replace a key under a running node
             _write_new_key(path, SigningKey.generate(), overwrite=True)
     else:
-        _write_new_key(path, SigningKey.generate(), overwrite=False)
+        try:
+            _write_new_key(path, SigningKey.generate(), overwrite=False)
+        except FileExistsError:
+            raise IdentityError(
+                f"key file {path} appeared while it was being created; run the command again"
+            ) from None
     return Identity.load(path)
 
 
@@ -212,8 +298,23 @@ class IdentityLock:
     def acquire(self) -> IdentityLock:
         if self._fd is not None:
             return self
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            # O_NOFOLLOW: the lock file is truncated below, so a link planted here must not be followed.
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            kind = (
+                "a directory"
+                if self.lock_path.is_dir()
+                else "a symbolic link"
+                if self.lock_path.is_symlink()
+                else ""
+            )
+            problem = f"is {kind}" if kind else f"cannot be opened ({exc.strerror or exc})"
+            raise IdentityError(
+                f"lock file {self.lock_path} {problem}: swarmnode keeps a plain lock file next to the key; "
+                "remove it, or choose another key path"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

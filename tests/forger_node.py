@@ -23,11 +23,17 @@ def forged_groups(registry: TaskRegistry, rng: random.Random, round_: int) -> li
     groups = []
     for task in registry.sample(rng, 4):
         completions = ("<answer>1</answer>", "<answer>2</answer>", f"<answer>{task.answer}</answer>", "x")
-        groups.append(RolloutGroup(
-            task=task.ref, question=task.question.replace("=", "= 1 +"),  # the lie
-            completions=completions, finished=(True,) * 4, model_id="forger", round=round_,
-            created_at=time.time(),
-        ))
+        groups.append(
+            RolloutGroup(
+                task=task.ref,
+                question=task.question.replace("=", "= 1 +"),  # the lie
+                completions=completions,
+                finished=(True,) * 4,
+                model_id="forger",
+                round=round_,
+                created_at=time.time(),
+            )
+        )
     return groups
 
 
@@ -43,9 +49,13 @@ def main() -> int:
     round_ = 0
     try:
         while time.monotonic() < deadline:
-            payload = wire.encode_rollout_batch(forged_groups(registry, rng, round_), node_round=round_,
-                                                sequence=sequencer.next(), model_id="forger",
-                                                created_at=time.time())
+            payload = wire.encode_rollout_batch(
+                forged_groups(registry, rng, round_),
+                node_round=round_,
+                sequence=sequencer.next(),
+                model_id="forger",
+                created_at=time.time(),
+            )
             client.publish(wire.Kind.ROLLOUT_BATCH, wire.seal(identity, wire.Kind.ROLLOUT_BATCH, payload))
             round_ += 1
             time.sleep(0.3)

@@ -160,7 +160,7 @@ def test_grafana_dashboard_queries_only_metrics_the_node_exports() -> None:
     metrics.update_p2p(p2p_status(10, {"accepted": 8}))
     exported = {name for name, _labels in samples(metrics)}
     queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    queries.append(dashboard["templating"]["list"][1]["definition"])
+    queries += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
     referenced = {name for q in queries for name in re.findall(r"\bswarmnode_[a-z0-9_]+", q)}
     assert len(queries) >= 15 and len(referenced) >= 15
     assert referenced <= exported, f"dashboard queries unknown metrics: {sorted(referenced - exported)}"
@@ -177,3 +177,19 @@ def test_network_view_size_is_reported_at_scrape_time() -> None:
     assert samples(metrics)[("swarmnode_network_nodes", ())] == 0
     view.observe(NodeHeartbeat("a", "m", 1, 1, 0.0), "peerA", received_at=0.0)
     assert samples(metrics)[("swarmnode_network_nodes", ())] == 1
+
+
+def test_grafana_dashboard_works_for_many_targets_on_many_hosts() -> None:
+    """Every query selects by the job and instance variables (one series per node's /metrics target,
+    whatever host it is on) and nothing names a host or port."""
+    text = (REPO / "docker" / "grafana" / "swarmnode-dashboard.json").read_text()
+    dashboard = json.loads(text)
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["job"]["definition"] == "label_values(swarmnode_node_info, job)"
+    assert variables["instance"]["definition"] == 'label_values(swarmnode_node_info{job=~"$job"}, instance)'
+    assert variables["instance"]["multi"] and variables["instance"]["includeAll"]
+    queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    for query in queries:
+        selectors = re.findall(r"\bswarmnode_[a-z0-9_]+(\{[^}]*\})?", query)
+        assert selectors and all(sel == '{job=~"$job", instance=~"$instance"}' for sel in selectors), query
+    assert not re.search(r"localhost|127\.0\.0\.1|:9100\b|:7500\b", text)

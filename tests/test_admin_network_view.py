@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from swarmnode import wire
-from swarmnode.admin.network_view import TREND_POINTS, NetworkView, heartbeat_from_status
+from swarmnode.admin.network_view import TREND_POINTS, NetworkView, advertised_address, heartbeat_from_status
 from swarmnode.admin.source import NodeStatus
 from swarmnode.identity import Identity
 from swarmnode.wire.gen import wire_pb2
@@ -100,3 +102,38 @@ def test_signed_heartbeat_round_trips_into_the_view_and_a_forged_one_fails_verif
         wire.signing_digest(forged.version, forged.kind, forged.compression, forged.payload)
     )
     assert not wire.verify_envelope(wire.open_envelope(forged.SerializeToString(), caps))
+
+
+def test_a_signed_heartbeat_carries_the_advertised_admin_and_metrics_addresses() -> None:
+    bob = Identity.generate()
+    caps = wire.WireCaps()
+    hb = heartbeat_from_status(
+        STATUS, {}, sequence=1, admin_address="127.0.0.2:7500", metrics_address="127.0.0.2:9100"
+    )
+    envelope = wire.open_envelope(wire.seal(bob, wire.Kind.HEARTBEAT, wire.encode_heartbeat(hb)), caps)
+    view = NetworkView(expire_s=30)
+    view.observe(wire.decode_message(envelope, caps), envelope.signer, received_at=10.0)
+    [node] = view.nodes(now=10.0)
+    assert (node.admin_address, node.metrics_address) == ("127.0.0.2:7500", "127.0.0.2:9100")
+    assert heartbeat_from_status(STATUS, {}, sequence=2).admin_address == ""  # nothing advertised by default
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        "[bold red]pwned[/]:1",  # rich markup in a table cell
+        "evil\x1b[2J:80",  # a terminal escape sequence
+        "host name:80",
+        "127.0.0.1",  # no port
+        "x" * 300 + ":1",
+        "http://127.0.0.1:80/metrics",
+    ],
+)
+def test_an_advertised_address_that_is_not_a_plain_host_port_is_dropped(claim: str) -> None:
+    hb = dataclasses.replace(beat(1), admin_address=claim, metrics_address=claim)
+    view = NetworkView(expire_s=30)
+    view.observe(hb, "peerA", received_at=1.0)
+    [node] = view.nodes(now=1.0)
+    assert (node.admin_address, node.metrics_address) == ("", "")
+    assert advertised_address("node7.example.org:9100") == "node7.example.org:9100"
+    assert advertised_address("[::1]:7500") == "[::1]:7500"

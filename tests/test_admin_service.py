@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -25,11 +30,14 @@ from swarmnode.admin.client import (
     status_command,
 )
 from swarmnode.admin.discovery import read_discovery_file, resolve_admin_address, write_discovery_file
+from swarmnode.admin.metrics import NodeMetrics
 from swarmnode.admin.service import AdminServer
 from swarmnode.admin.source import EventLog, NetworkNode, NodeStatus, PeerInfo
-from swarmnode.config import AdminConfig, ConfigError
+from swarmnode.config import REDACTED, AdminConfig, ConfigError, config_from_dict
+from swarmnode.wire.gen import admin_pb2, admin_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
+TOKEN = "0123456789abcdef0123456789abcdef"  # 32 hex characters, as `openssl rand -hex 16` prints
 
 
 class FakeSource:
@@ -120,48 +128,121 @@ def test_peers_and_network_calls_round_trip_every_field(server: AdminServer, sou
     ]
 
 
-def test_event_stream_delivers_past_and_new_events_then_ends(server: AdminServer, source: FakeSource) -> None:
+class EmitOnSecondPoll(FakeSource):
+    """Emits one new event when the stream polls a second time: a follower must deliver it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polls = 0
+
+    def events_since(self, cursor: int):
+        self.polls += 1
+        if self.polls == 2:
+            self.events.emit("round", "round 1 done", reward=0.5)
+        return self.events.events_since(cursor)
+
+
+def test_event_stream_delivers_past_then_new_events() -> None:
+    source = EmitOnSecondPoll()
     source.events.emit("start", "node started", round=0)
-    threading.Timer(0.3, lambda: source.events.emit("round", "round 1 done", reward=0.5)).start()
-    started = time.monotonic()
-    with AdminClient(server.address) as client:
-        received = list(client.events(0, max_duration_s=1.2))
-    elapsed = time.monotonic() - started
+    with AdminServer(source, AdminConfig(listen="127.0.0.1:0")) as srv, AdminClient(srv.address) as client:
+        stream = client.events(0, max_duration_s=60)
+        received = [next(stream), next(stream)]  # the second exists only once the stream polled again
+        stream.close()  # cancels the call; the server's worker ends at its next poll
     assert [(e.kind, e.fields) for e, _ in received] == [
         ("start", {"round": "0"}),
         ("round", {"reward": "0.5"}),
     ]
-    assert received[-1][1] == 2  # cursor to resume after the last event
-    assert 1.0 <= elapsed < 5.0  # the stream is bounded by max_duration_s
+    assert [cursor for _, cursor in received] == [1, 2]  # cursor to resume after each event
+
+
+def test_event_stream_ends_by_itself_after_max_duration(server: AdminServer, source: FakeSource) -> None:
+    source.events.emit("start", "node started")
+    # A stream that overran max_duration_s would hit the client's deadline (max + 5 s) and raise.
     with AdminClient(server.address) as client:
-        assert list(client.events(2, max_duration_s=0)) == []
+        assert list(client.events(1, max_duration_s=0.2)) == []
+        assert [e.kind for e, _ in client.events(0, max_duration_s=0)] == ["start"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_event_stream_refuses_a_non_finite_or_negative_duration(server: AdminServer, bad: float) -> None:
+    """NaN compared false with the deadline, so a NaN stream never ended and held a worker forever."""
+    channel = grpc.insecure_channel(server.address)
+    try:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        stream = stub.StreamEvents(admin_pb2.EventsRequest(cursor=0, max_duration_s=bad), timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # not DEADLINE_EXCEEDED
+        assert "max_duration_s must be a finite number" in info.value.details()
+    finally:
+        channel.close()
+    with AdminClient(server.address) as client, pytest.raises(AdminError, match="finite number of seconds"):
+        list(client.events(0, max_duration_s=bad))
 
 
 def test_token_is_required_and_checked_when_enforced(source: FakeSource) -> None:
-    cfg = AdminConfig(listen="127.0.0.1:0", token="s3cret")
+    cfg = AdminConfig(listen="127.0.0.1:0", token=TOKEN)
     with AdminServer(source, cfg, require_token=True) as srv:
         assert srv.requires_token
         for token in (None, "wrong"):
             with AdminClient(srv.address, token=token) as client, pytest.raises(AdminError, match="token"):
                 client.status()
-        with AdminClient(srv.address, token="s3cret") as client:
+        with AdminClient(srv.address, token=TOKEN) as client:
             assert client.status().name == "alpha"
             assert len(client.peers()) == 2
     assert source.calls == 1  # refused calls never reached the source
 
 
 def test_server_refuses_to_start_on_non_loopback_without_token(source: FakeSource) -> None:
+    # The config refuses it at load (see test_config_*); a config built around validation is refused too.
+    unchecked = AdminConfig.model_construct(listen="0.0.0.0:0", token=None)
     with pytest.raises(ConfigError, match="admin.token"):
-        AdminServer(source, AdminConfig(listen="0.0.0.0:0"))
+        AdminServer(source, unchecked)
     with pytest.raises(ConfigError, match="admin.token"):
         AdminServer(source, AdminConfig(listen="127.0.0.1:0"), require_token=True)
-    assert AdminServer(source, AdminConfig(listen="0.0.0.0:0", token="t")).requires_token
+    assert AdminServer(source, AdminConfig(listen="0.0.0.0:0", token=TOKEN)).requires_token
     assert not AdminServer(source, AdminConfig(listen="localhost:0")).requires_token
 
 
+def test_config_refuses_a_reachable_admin_api_without_token_at_load() -> None:
+    with pytest.raises(ConfigError, match=r"admin: .*admin\.listen = '0\.0\.0\.0:7500' is reachable"):
+        config_from_dict({"admin": {"listen": "0.0.0.0:7500"}})
+    with pytest.raises(ConfigError, match=r"admin\.listen: expected HOST:PORT"):
+        config_from_dict({"admin": {"listen": "nonsense"}})
+    assert config_from_dict({"admin": {"listen": "0.0.0.0:7500", "token": TOKEN}}).admin.token == TOKEN
+
+
+@pytest.mark.parametrize("weak", ["Q7", "x" * 15, "with space in the token", "tab\tin\tthe\ttoken!"])
+def test_config_refuses_a_weak_admin_token_and_never_echoes_it(weak: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"admin": {"token": weak}})
+    message = str(info.value)
+    assert re.search(r"^  admin\.token: .*at least 16 printable ASCII characters", message, re.M)
+    assert weak not in message  # a secret in an error message ends up in logs
+
+
+def test_config_refuses_the_redacted_placeholder_as_a_token() -> None:
+    with pytest.raises(ConfigError, match=r"admin\.token: .*placeholder written to config\.resolved\.toml"):
+        config_from_dict({"admin": {"token": REDACTED}})
+
+
+def test_metrics_off_loopback_needs_a_token_or_an_explicit_public_choice() -> None:
+    with pytest.raises(ConfigError, match=r"admin\.metrics_listen = '0\.0\.0\.0:9100' is reachable"):
+        config_from_dict({"admin": {"metrics_listen": "0.0.0.0:9100"}})
+    public = config_from_dict({"admin": {"metrics_listen": "0.0.0.0:9100", "metrics_public": True}})
+    assert public.admin.metrics_public
+    assert (
+        config_from_dict({"admin": {"metrics_listen": "0.0.0.0:9100", "token": TOKEN}}).admin.token == TOKEN
+    )
+    assert AdminConfig().metrics_listen == "127.0.0.1:0"  # the default stays on loopback
+
+
 def test_malformed_listen_address_is_a_config_error(source: FakeSource) -> None:
-    with pytest.raises(ConfigError, match="admin.listen: expected HOST:PORT"):
-        AdminServer(source, AdminConfig(listen="127.0.0.1"))
+    with pytest.raises(ConfigError, match=r"admin\.listen: expected HOST:PORT"):
+        config_from_dict({"admin": {"listen": "127.0.0.1"}})
+    with pytest.raises(ConfigError, match=r"admin\.listen: expected HOST:PORT"):
+        AdminServer(source, AdminConfig.model_construct(listen="127.0.0.1", token=None))
 
 
 def test_service_exposes_no_write_methods() -> None:
@@ -183,9 +264,15 @@ def test_table_commands_render_rows(server: AdminServer, capsys, monkeypatch) ->
     assert peers_command(server.address) == 0
     assert net_command(server.address) == 0
     out = capsys.readouterr().out
-    assert "alpha" in out and "7 / 100" in out
-    assert "bad_signature=1" in out and "2 connected peers" in out
-    assert "2 nodes seen" in out and "embedded:tiny-b" in out
+    for expected in (
+        "alpha",
+        "7 / 100",
+        "bad_signature=1",
+        "2 connected peers",
+        "2 nodes seen",
+        "embedded:tiny-b",
+    ):
+        assert re.search(rf"(?<![\w.:/=]){re.escape(expected)}(?![\w.:/=])", out), expected
 
 
 def test_watch_refreshes_until_watch_count(server: AdminServer, source: FakeSource, capsys) -> None:
@@ -233,17 +320,67 @@ def test_address_resolution_prefers_flag_then_discovery_file(
     assert json.loads(capsys.readouterr().out)["name"] == "alpha"
 
 
-def test_grpc_status_codes_other_than_unavailable_are_not_reported_as_unreachable(
-    server: AdminServer,
+class FailingAdmin(admin_pb2_grpc.AdminServicer):
+    """A real gRPC Admin service whose GetStatus fails with a chosen status code."""
+
+    def __init__(self, code: grpc.StatusCode, release: threading.Event) -> None:
+        self.code = code
+        self.release = release
+
+    def GetStatus(self, request, context):
+        if self.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            self.release.wait(10)  # outlive the client's deadline; released when the test ends
+            return admin_pb2.NodeStatus()
+        context.abort(self.code, "detail from the server")
+
+
+@pytest.mark.parametrize(
+    ("code", "unreachable", "message"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, True, "no swarmnode admin service at {address} (is the node running?"),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, True, "no swarmnode admin service at {address} (is the node running?"),
+        (grpc.StatusCode.UNAUTHENTICATED, False, "admin service at {address} refused the call: detail from the server"),
+        (grpc.StatusCode.UNIMPLEMENTED, False, "admin service at {address} failed: the service there is not a swarmnode admin API of this version"),
+        (grpc.StatusCode.INTERNAL, False, "admin service at {address} failed: detail from the server"),
+        (grpc.StatusCode.PERMISSION_DENIED, False, "admin service at {address} failed: detail from the server"),
+    ],
+)  # fmt: skip
+def test_client_maps_each_grpc_status_to_its_operator_error(
+    code: grpc.StatusCode, unreachable: bool, message: str
 ) -> None:
-    channel = grpc.insecure_channel(server.address)
+    """AdminClient._error: only "nobody answers" codes are AdminUnreachable (exit 2), the rest AdminError."""
+    release = threading.Event()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    if code == grpc.StatusCode.UNAVAILABLE:
+        port = server.add_insecure_port("127.0.0.1:0")  # started, then stopped: nothing listens
+        server.start()
+        server.stop(0).wait(5)
+    else:
+        admin_pb2_grpc.add_AdminServicer_to_server(FailingAdmin(code, release), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+    address = f"127.0.0.1:{port}"
     try:
-        unknown = channel.unary_unary("/swarmnode.v1.Admin/DeleteEverything")
-        with pytest.raises(grpc.RpcError) as info:
-            unknown(b"", timeout=5)
-        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with AdminClient(address, timeout_s=0.5) as client, pytest.raises(AdminError) as info:
+            client.status()
     finally:
-        channel.close()
+        release.set()
+        server.stop(0).wait(5)
+    assert isinstance(info.value, AdminUnreachable) is unreachable
+    assert str(info.value).startswith(message.format(address=address))
+
+
+def test_a_server_without_the_admin_service_is_reported_as_the_wrong_api() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))  # some other gRPC service
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with AdminClient(f"127.0.0.1:{port}") as client, pytest.raises(AdminError) as info:
+            client.peers()
+    finally:
+        server.stop(0).wait(5)
+    assert not isinstance(info.value, AdminUnreachable)
+    assert str(info.value).endswith("not a swarmnode admin API of this version")
 
 
 def test_a_failing_source_gives_a_one_line_error_and_the_server_keeps_serving(
@@ -258,3 +395,118 @@ def test_a_failing_source_gives_a_one_line_error_and_the_server_keeps_serving(
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"admin service at {srv.address} failed:") and len(err.splitlines()) == 1
         assert status_command(srv.address, as_json=True) == 0
+
+
+# ---------------------------------------------------------------- banned peers in `swarmnode peers`
+
+
+class WithBannedPeer(FakeSource):
+    def __init__(self, banned_until: float) -> None:
+        super().__init__()
+        self.banned_until = banned_until
+
+    def peers(self) -> list[PeerInfo]:
+        banned = PeerInfo(
+            "12D3KooWMallory", [], 0.0, 0, 0, 0, 0, {}, 0.0, True, "bad_signature", self.banned_until
+        )
+        return [*super().peers(), banned]
+
+
+def test_peers_lists_banned_peers_with_reason_and_time_left(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    until = time.time() + 250
+    with AdminServer(WithBannedPeer(until), AdminConfig(listen="127.0.0.1:0")) as srv:
+        with AdminClient(srv.address) as client:
+            peers = client.peers()
+        assert peers_command(srv.address, as_json=True) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert peers_command(srv.address) == 0
+        table = capsys.readouterr().out
+    [mallory] = [p for p in peers if p.banned]
+    assert (mallory.peer_id, mallory.ban_reason, mallory.banned_until) == (
+        "12D3KooWMallory",
+        "bad_signature",
+        until,
+    )
+    assert [p["peer_id"] for p in data if p["banned"]] == ["12D3KooWMallory"]
+    assert {p["peer_id"] for p in data if not p["banned"]} == {"12D3KooWBeta", "12D3KooWGamma"}
+    assert re.search(r"\b2 connected peers, 1 banned\b", table)
+    assert re.search(r"\bbanned \(bad_signature\), 4m(0[0-9]|1[0-9])s left\b", table)
+
+
+def test_runtime_lists_the_hosts_banned_peers_with_reason_and_expiry() -> None:
+    from swarmnode.node.runtime import banned_peers
+    from swarmnode.p2p.ipc import P2PStatus
+
+    snapshot = {
+        "banned": ["12D3KooWMallory", "12D3KooWTrudy"],
+        "banned_peers": [
+            {
+                "peer_id": "12D3KooWMallory",
+                "reason": "bad_signature",
+                "expires_at": 1_700_000_300.0,
+                "bans": 2,
+            },
+            {"peer_id": "12D3KooWTrudy", "reason": "replay", "expires_at": 1_700_000_100.0, "bans": 1},
+        ],
+    }
+    rows = banned_peers(P2PStatus.from_snapshot(snapshot))
+    assert [(p.peer_id, p.banned, p.ban_reason, p.banned_until) for p in rows] == [
+        ("12D3KooWMallory", True, "bad_signature", 1_700_000_300.0),
+        ("12D3KooWTrudy", True, "replay", 1_700_000_100.0),
+    ]
+    assert all(p.msgs_in == 0 and p.addrs == [] for p in rows)
+    # A host that reports bare ids only: still listed, reason and expiry unknown.
+    bare = banned_peers(P2PStatus.from_snapshot({"banned": ["12D3KooWMallory"]}))
+    assert [(p.peer_id, p.banned, p.ban_reason, p.banned_until) for p in bare] == [
+        ("12D3KooWMallory", True, "", 0.0)
+    ]
+    assert banned_peers(P2PStatus()) == []
+
+
+# ---------------------------------------------------------------- /metrics off loopback
+
+
+def scrape(url: str, token: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_metrics_with_a_token_refuses_scrapes_without_it() -> None:
+    metrics = NodeMetrics()
+    metrics.set_identity("12D3KooWAlpha", "alpha", "m")
+    server = metrics.serve("127.0.0.2:0", token=TOKEN)
+    try:
+        assert server.address.startswith("127.0.0.2:")
+        for wrong in (None, "x" * 32, TOKEN + "x"):
+            status, body = scrape(server.url, wrong)
+            assert status == 401 and "swarmnode_node_info" not in body
+        status, body = scrape(server.url, TOKEN)
+        assert status == 200 and "swarmnode_node_info" in body
+    finally:
+        server.stop()
+
+
+def test_runtime_serves_metrics_by_the_config_and_warns_when_public(caplog) -> None:
+    from swarmnode.node.runtime import serve_metrics
+
+    loopback = config_from_dict({"admin": {"metrics_listen": "127.0.0.1:0"}}).admin
+    guarded = config_from_dict({"admin": {"metrics_listen": "0.0.0.0:0", "token": TOKEN}}).admin
+    public = config_from_dict({"admin": {"metrics_listen": "0.0.0.0:0", "metrics_public": True}}).admin
+    servers = []
+    try:
+        with caplog.at_level(logging.WARNING, logger="swarmnode.node.runtime"):
+            servers = [serve_metrics(NodeMetrics(), cfg) for cfg in (loopback, guarded, public)]
+        assert [s.requires_token for s in servers] == [False, True, False]
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 1 and "served without a token" in warnings[0]
+        assert "(admin.metrics_public = true)" in warnings[0]
+        port = servers[1].address.rsplit(":", 1)[1]
+        assert scrape(f"http://127.0.0.1:{port}/metrics")[0] == 401
+    finally:
+        for server in servers:
+            server.stop()

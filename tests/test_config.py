@@ -16,7 +16,7 @@ def test_defaults_use_the_names_the_field_knows():
 
 def test_file_env_and_cli_overrides_layer_in_order(tmp_path: Path):
     path = tmp_path / "node.toml"
-    path.write_text('seed = 3\n[grpo]\nlearning_rate = 0.001\nnum_generations = 4\n')
+    path.write_text("seed = 3\n[grpo]\nlearning_rate = 0.001\nnum_generations = 4\n")
     env = {"SWARMNODE__GRPO__NUM_GENERATIONS": "6", "SWARMNODE__SEED": "5", "UNRELATED": "x"}
     cfg = load_config(path, overrides={"seed": 7}, environ=env)
     assert cfg.grpo.learning_rate == 0.001
@@ -57,7 +57,7 @@ def test_missing_or_malformed_file_is_a_clear_error(tmp_path: Path):
 def test_override_parsing():
     assert parse_override("grpo.learning_rate=1e-4") == ("grpo.learning_rate", 1e-4)
     assert parse_override("p2p.enabled=false") == ("p2p.enabled", False)
-    assert parse_override("p2p.bootstrap=[\"/ip4/1.2.3.4/tcp/1\"]")[1] == ["/ip4/1.2.3.4/tcp/1"]
+    assert parse_override('p2p.bootstrap=["/ip4/1.2.3.4/tcp/1"]')[1] == ["/ip4/1.2.3.4/tcp/1"]
     assert parse_override("name=alice") == ("name", "alice")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("grpo.learning_rate")
@@ -69,3 +69,36 @@ def test_resolved_config_round_trips_through_toml(tmp_path: Path):
     path.write_text(cfg.to_toml())
     again = load_config(path, environ={})
     assert again == cfg
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("sampler.strategy", "varience", "'uniform', 'variance' or 'difficulty'"),
+        ("grpo.off_policy", "trust_peers", "'none', 'positive_only', 'importance' or 'topr'"),
+        ("model.backend", "tensorrt", "'auto', 'transformers' or 'vllm'"),
+        ("model.dtype", "fp8", "'auto', 'float32', 'bfloat16' or 'float16'"),
+        ("device", "tpu", "'auto', 'cpu', 'cuda' or 'mps'"),
+    ],
+)
+def test_choices_are_validated_at_load_time_naming_the_key_and_allowed_values(key, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides={key: value}, environ={})
+    message = str(err.value)
+    assert f"{key}: " in message and allowed in message and repr(value) in message
+
+
+def test_loss_weighting_settings_have_checked_ranges():
+    cfg = NodeConfig()
+    assert (cfg.grpo.off_policy, cfg.grpo.external_loss_share, cfg.grpo.max_source_loss_share) == (
+        "positive_only",
+        None,
+        0.5,
+    )
+    for key, value in [
+        ("grpo.external_loss_share", 1.5),
+        ("grpo.max_source_loss_share", 0.0),
+        ("grpo.importance_cap", 0.0),
+    ]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(overrides={key: value}, environ={})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -41,15 +40,14 @@ def test_both_tiny_models_are_shipped() -> None:
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
-def test_embedded_model_loads_offline_and_fast(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embedded_model_loads_offline(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No wall-clock bound here: load time on a shared CPU is a benchmark's business, not a test's.
     def no_network(*args: object, **kwargs: object) -> None:
         raise AssertionError("loading an embedded model must not touch the network")
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    started = time.perf_counter()
     policy = load_policy(ModelConfig(path=f"embedded:{name}"), "cpu")
-    assert time.perf_counter() - started < 10.0
     assert policy.model_id == name
     assert policy.model.dtype == torch.float32
 

@@ -2,6 +2,7 @@
 
 import random
 import re
+import time
 from dataclasses import replace
 
 import pytest
@@ -80,10 +81,21 @@ def test_zero_variance_group_is_dropped_without_penalty(registry):
     assert not result.reason.reported_to_network
 
 
-def _scored(source: str, index: int, rewards=(1.0, 0.0), round_: int = 0) -> ScoredGroup:
+def _scored(
+    source: str, index: int, rewards=(1.0, 0.0), round_: int = 0, created_at: float | None = None
+) -> ScoredGroup:
     ref = TaskRef("chain_sum", "d", 1, index, "v")
-    group = RolloutGroup(ref, f"q{index}", tuple(f"c{index}-{i}" for i in range(len(rewards))),
-                         (True,) * len(rewards), "m", round_, 0.0, source)
+    created_at = time.time() if created_at is None else created_at
+    group = RolloutGroup(
+        ref,
+        f"q{index}",
+        tuple(f"c{index}-{i}" for i in range(len(rewards))),
+        (True,) * len(rewards),
+        "m",
+        round_,
+        created_at,
+        source,
+    )
     return ScoredGroup(group, tuple(rewards))
 
 
@@ -100,9 +112,9 @@ def test_pool_deduplicates_and_caps_per_source():
 def test_pool_expires_by_age_and_by_the_senders_round():
     now = [1000.0]
     pool = ExternalPool(SamplerConfig(max_age_s=10, max_round_lag=2, pool_size=64), clock=lambda: now[0])
-    pool.add(_scored("a", 0, round_=0))
-    pool.add(_scored("a", 1, round_=5))  # the sender moved on: round 0 is more than 2 behind
-    pool.add(_scored("b", 2, round_=0))
+    pool.add(_scored("a", 0, round_=0, created_at=now[0]))
+    pool.add(_scored("a", 1, round_=5, created_at=now[0]))  # the sender moved on: round 0 is more than 2 behind
+    pool.add(_scored("b", 2, round_=0, created_at=now[0]))
     assert {p.scored.group.question for p in pool.eligible()} == {"q1", "q2"}
     now[0] += 11
     assert pool.eligible() == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 
@@ -147,20 +148,75 @@ def test_right_padded_logprobs_equal_unpadded_single_sequence():
         reference = model(input_ids=alone.input_ids).logits[0, :-1].log_softmax(-1)
     n = alone.input_ids.shape[1] - 1
     assert torch.allclose(logp_padded[0, :n], logp_alone[0], atol=1e-5)
-    by_hand = reference.gather(-1, alone.input_ids[0, 1:, None]).squeeze(-1)
+    by_hand = reference.gather(-1, alone.input_ids[0, 1:, None]).squeeze(-1) * alone.completion_mask[0]
     assert torch.allclose(logp_alone[0], by_hand, atol=1e-5)
+    assert torch.all(logp_padded[padded.completion_mask == 0] == 0)  # prompt and padding not computed
 
 
 def test_temperature_divides_logits_before_log_softmax():
     model = tiny_model()
     batch = build_batch([scored((1, 3), [(10, 11)], [1.0])], PAD)
+    mask = batch.completion_mask[0].bool()
     with torch.no_grad():
         logp, entropy = token_logprobs(model, batch, temperature=0.5)
         logits = model(input_ids=batch.input_ids).logits[0, :-1] / 0.5
     expected = logits.log_softmax(-1).gather(-1, batch.input_ids[0, 1:, None]).squeeze(-1)
-    assert torch.allclose(logp[0], expected, atol=1e-5)
+    assert torch.allclose(logp[0][mask], expected[mask], atol=1e-5)
     probs = logits.softmax(-1)
-    assert torch.allclose(entropy[0], -(probs * probs.log()).sum(-1), atol=1e-5)
+    assert torch.allclose(entropy[0][mask], -(probs * probs.log()).sum(-1)[mask], atol=1e-5)
+
+
+def _full_vocab_logprobs(model, batch, temperature=1.0):
+    """The implementation before the memory-efficient one, kept as the oracle: float32 log_softmax
+    over the full vocabulary at every position."""
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).logits
+    logits = logits[:, :-1].float() / temperature
+    logp_all = logits.log_softmax(dim=-1)
+    logp = logp_all.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+    return logp, entropy
+
+
+@pytest.mark.parametrize("path", ["split_head", "generic"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_logprobs_equal_the_full_vocabulary_oracle(monkeypatch, path, temperature):
+    monkeypatch.setattr(grpo, "LOGITS_CHUNK_BYTES", 3 * 64 * 4)  # 3 positions per chunk: many chunks
+    if path == "generic":
+        monkeypatch.setattr(grpo, "_plain_output_head", lambda model: None)
+    model, oracle = tiny_model(seed=3), tiny_model(seed=3)
+    groups = _signal_groups()
+    batch = build_batch(groups, PAD)
+    mask = batch.completion_mask
+    logp, entropy = token_logprobs(model, batch, temperature)
+    ref_logp, ref_entropy = _full_vocab_logprobs(oracle, batch, temperature)
+    assert torch.allclose(logp, ref_logp * mask, atol=1e-5)
+    assert torch.allclose(entropy, ref_entropy * mask, atol=1e-5)
+    assert not entropy.requires_grad
+    # the same gradient of a weighted sum of completion log-probs, in every parameter
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)) * mask
+    (logp * weights).sum().backward()
+    (ref_logp * weights).sum().backward()
+    for (name, a), b in zip(model.named_parameters(), oracle.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_selected_logprobs_gradient_passes_gradcheck(monkeypatch):
+    monkeypatch.setattr(grpo, "LOGITS_CHUNK_BYTES", 2 * 11 * 4)  # 2 rows per chunk
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.tensor([0, 3, 10, 3, 7])
+
+    def logp_only(h, w):
+        return grpo._SelectedTokenLogprobs.apply(h, w, targets, 0.8)[0]
+
+    assert torch.autograd.gradcheck(logp_only, (hidden, weight), atol=1e-6)
 
 
 # --------------------------------------------------------------------------- clipped loss
@@ -242,8 +298,8 @@ def test_old_logprobs_are_from_before_the_update_so_later_minibatches_have_ratio
     ratios: list[torch.Tensor] = []
     real_loss = grpo.clipped_policy_loss
 
-    def spy(logp, old_logp, advantages, mask, eps_low, eps_high):
-        loss, stats = real_loss(logp, old_logp, advantages, mask, eps_low, eps_high)
+    def spy(logp, old_logp, advantages, mask, *args, **kwargs):
+        loss, stats = real_loss(logp, old_logp, advantages, mask, *args, **kwargs)
         ratios.append(stats["ratio"][mask.bool()])
         return loss, stats
 
@@ -260,9 +316,9 @@ def test_single_step_config_trains_with_ratio_one(monkeypatch):
     ratios: list[torch.Tensor] = []
     real_loss = grpo.clipped_policy_loss
 
-    def spy(logp, old_logp, *args):
+    def spy(logp, old_logp, *args, **kwargs):
         ratios.append(torch.exp(logp - old_logp).detach())
-        return real_loss(logp, old_logp, *args)
+        return real_loss(logp, old_logp, *args, **kwargs)
 
     monkeypatch.setattr(grpo, "clipped_policy_loss", spy)
     metrics = GRPOTrainer(tiny_model(), GRPOConfig(), PAD).step(_signal_groups())
@@ -270,25 +326,45 @@ def test_single_step_config_trains_with_ratio_one(monkeypatch):
     assert torch.all(ratios[0] == 1.0)
 
 
-def test_step_reports_grad_norm_and_loss_of_the_formula():
+def _formula_loss(model: torch.nn.Module, groups: list[ScoredGroup], cfg: GRPOConfig) -> torch.Tensor:
+    """The module docstring's objective with ratio 1, written out independently of the trainer."""
+    weights = grpo.group_weights(groups, cfg.external_loss_share, cfg.max_source_loss_share)
+    total = torch.zeros(())
+    for g, w in zip(groups, weights.policy, strict=True):
+        adv = group_advantages(g.rewards, cfg.scale_rewards)
+        tokens = sum(len(c) for c in g.completion_ids)
+        for completion, a in zip(g.completion_ids, adv.tolist(), strict=True):
+            if cfg.off_policy == "positive_only" and not g.group.is_local and a <= 0:
+                continue
+            batch = build_batch([scored(g.prompt_ids, [completion], [0.0])], PAD)
+            logp, _ = token_logprobs(model, batch, cfg.temperature)
+            ratio = torch.exp(logp - logp.detach())  # 1, with the gradient of logp
+            total = total + w / tokens * (-(ratio * a) * batch.completion_mask).sum()
+    return total
+
+
+@pytest.mark.parametrize("off_policy", ["none", "positive_only"])
+def test_step_reports_grad_norm_and_loss_of_the_formula(off_policy):
     model = tiny_model()
-    cfg = GRPOConfig(max_grad_norm=1e-3)
+    cfg = GRPOConfig(max_grad_norm=1e-3, off_policy=off_policy)
     groups = _signal_groups()
     shadow = copy.deepcopy(model)
-    batch = build_batch(groups, PAD)
-    logp, entropy = token_logprobs(shadow, batch)
-    loss, _ = clipped_policy_loss(logp, logp.detach(), batch.advantages, batch.completion_mask, 0.2, 0.28)
+    loss = _formula_loss(shadow, groups, cfg)
     loss.backward()
     expected_norm = torch.cat([p.grad.flatten() for p in shadow.parameters()]).norm().item()
+    # By hand: one local, one external group -> shares 1/2 each. Local A = +-0.9998 on lengths
+    # 3, 3, 2, 2 cancels; external A = -1.2244449, +1.2244449, 0 on lengths 2, 4, 1 (7 tokens).
+    a = 0.5 / 0.4082483 * (1 / (1 + 1e-4 / 0.4082483))
+    by_hand = -(0.5 / 7) * ((-2 * a if off_policy == "none" else 0.0) + 4 * a)
+    assert loss.item() == pytest.approx(by_hand, rel=1e-5)
 
     metrics = GRPOTrainer(model, cfg, PAD).step(groups)
-    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-7)
+    assert metrics["loss"] == pytest.approx(by_hand, rel=1e-4, abs=1e-7)
     assert metrics["grad_norm"] == pytest.approx(expected_norm, rel=1e-4)  # before clipping
     assert metrics["grad_norm"] > cfg.max_grad_norm
-    assert metrics["num_tokens"] == batch.completion_mask.sum().item() == 17
-    assert metrics["entropy"] == pytest.approx(
-        grpo.masked_mean(entropy, batch.completion_mask).item(), rel=1e-5
-    )
+    # positive_only does not compute the external completions with A <= 0 (2 + 1 tokens)
+    assert metrics["num_tokens"] == (17 if off_policy == "none" else 14)
+    assert metrics["rows_zeroed_off_policy"] == (0 if off_policy == "none" else 2)
 
 
 def test_zero_variance_groups_are_counted_and_not_trained():
@@ -308,7 +384,7 @@ def test_zero_variance_groups_are_counted_and_not_trained():
 
 
 def test_clip_fractions_split_by_local_and_external_tokens():
-    cfg = GRPOConfig(minibatches=4, num_iterations=2, learning_rate=5e-2)
+    cfg = GRPOConfig(minibatches=4, num_iterations=2, learning_rate=5e-2, off_policy="none")
     metrics = GRPOTrainer(tiny_model(), cfg, PAD).step(_signal_groups())
     assert metrics["clip_frac_low"] + metrics["clip_frac_high"] > 0  # large steps do get clipped
     n, n_local, n_external = (
@@ -369,8 +445,9 @@ def test_micro_batches_give_the_same_update_as_one_pass(micro_batch_size):
     )
     for key in ("loss", "grad_norm", "entropy", "clip_frac_low", "clip_frac_high"):
         assert m_split[key] == pytest.approx(m_whole[key], rel=1e-4, abs=1e-6)
+    # Adam turns float-level differences of near-zero gradients into steps of up to lr-size noise
     for a, b in zip(whole.parameters(), split.parameters(), strict=True):
-        assert torch.allclose(a, b, atol=1e-5)
+        assert torch.allclose(a, b, atol=1e-4)
 
 
 def test_automatic_micro_batch_size_bounds_logits_memory(monkeypatch):
@@ -379,3 +456,253 @@ def test_automatic_micro_batch_size_bounds_logits_memory(monkeypatch):
     batch = build_batch(_signal_groups(), PAD)  # 7 rows x 6 tokens x vocab 64 x 4 bytes = 1536 bytes per row
     monkeypatch.setattr(grpo, "LOGITS_BYTES_PER_MICRO_BATCH", 3 * 1536)
     assert [len(c) for c in trainer._micro_batches(torch.arange(7), batch)] == [3, 3, 1]
+
+
+# --------------------------------------------------------------------------- group weights
+
+
+def _mixed_groups() -> list[ScoredGroup]:
+    signal, flat = [1.0, 0.0], [1.0, 1.0]
+    return [
+        scored((1,), [(5, EOS), (6, EOS)], signal, index=0),
+        scored((1,), [(5, EOS), (6, EOS)], signal, index=1),
+        scored((1,), [(5, EOS), (6, EOS)], flat, index=2),
+        scored((1,), [(5, EOS), (6, EOS)], flat, index=3),
+        scored((1,), [(5, EOS), (6, EOS)], signal, source="peer-a", index=4),
+        scored((1,), [(5, EOS), (6, EOS)], signal, source="peer-a", index=5),
+        scored((1,), [(5, EOS), (6, EOS)], signal, source="peer-b", index=6),
+    ]
+
+
+def test_group_weights_default_to_the_kinds_share_of_groups_spread_over_signal_groups():
+    # 4 local groups (2 with signal), 3 external: lambda_E = 3/7; local 4/7 over 2 signal groups
+    w = grpo.group_weights(_mixed_groups())
+    assert w.external_share == pytest.approx(3 / 7)
+    assert w.policy == pytest.approx([2 / 7, 2 / 7, 0, 0, 1 / 7, 1 / 7, 1 / 7])
+    assert w.kl == pytest.approx([1 / 7] * 7)  # every group of a kind carries its KL term
+    assert w.capped_sources == ()
+
+
+def test_explicit_external_share_and_per_sender_cap():
+    w = grpo.group_weights(_mixed_groups(), external_loss_share=0.5)
+    assert w.policy == pytest.approx([0.25, 0.25, 0, 0, 1 / 6, 1 / 6, 1 / 6])
+    # peer-a holds 2/6 > 0.25: scaled down to 0.25 in total, nothing redistributed
+    w = grpo.group_weights(_mixed_groups(), external_loss_share=0.5, max_source_loss_share=0.25)
+    assert w.policy == pytest.approx([0.25, 0.25, 0, 0, 0.125, 0.125, 1 / 6])
+    assert w.capped_sources == ("peer-a",)
+
+
+def test_a_kind_with_no_groups_gives_its_share_away_but_a_flat_kind_keeps_it():
+    local = _mixed_groups()[:4]
+    assert grpo.group_weights(local, external_loss_share=0.3).policy == pytest.approx([0.5, 0.5, 0, 0])
+    # every local group flat: the external groups still weigh only their share (no external-only step
+    # at full strength)
+    flat_local = [_mixed_groups()[2], _mixed_groups()[3]]
+    w = grpo.group_weights([*flat_local, *_mixed_groups()[4:]], external_loss_share=0.5)
+    assert sum(w.policy) == pytest.approx(0.5)
+
+
+def test_per_group_normalisation_long_external_completions_weigh_no_more():
+    short = scored((1,), [(10, EOS), (11, EOS)], [1.0, 0.0])
+    long = scored((1,), [(10,) * 7 + (EOS,), (11,) * 7 + (EOS,)], [1.0, 0.0], source="peer-a", index=1)
+    batch = build_batch([short, long], PAD, weights=grpo.group_weights([short, long]))
+    mass = batch.policy_weight * batch.row_tokens
+    assert mass[:2].sum().item() == pytest.approx(0.5)
+    assert mass[2:].sum().item() == pytest.approx(0.5)  # 16 tokens, the same total weight as 4
+
+
+def test_trainer_reports_loss_shares_and_the_external_only_step():
+    cfg = GRPOConfig(external_loss_share=0.5, off_policy="none")
+    groups = _mixed_groups()
+    metrics = GRPOTrainer(tiny_model(), cfg, PAD).step(groups)
+    assert metrics["external_only_step"] == 0.0
+    assert metrics["loss_share_external"] == pytest.approx(0.5, rel=1e-5)
+    assert metrics["loss_share_local"] == pytest.approx(0.5, rel=1e-5)
+    flat_local = [groups[2], groups[3], groups[4]]
+    metrics = GRPOTrainer(tiny_model(), cfg, PAD).step(flat_local)
+    assert metrics["external_only_step"] == 1.0
+    assert metrics["loss_share_external"] == 1.0
+
+
+def test_fraction_of_steps_with_a_grad_norm_spike(monkeypatch):
+    norms = iter([12.0, 3.0])
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: torch.tensor(next(norms)))
+    metrics = GRPOTrainer(tiny_model(), GRPOConfig(minibatches=2), PAD).step(_signal_groups())
+    assert metrics["frac_steps_grad_norm_gt_10"] == 0.5
+    assert metrics["grad_norm_max"] == 12.0
+    assert metrics["grad_norm"] == 7.5
+
+
+# --------------------------------------------------------------------------- off-policy strategies
+
+
+def _factor(strategy: str, cap: float = 1.0) -> list[float]:
+    # rows: external A>0 (rho 0.5), external A<0 (rho 0.5), external A>0 (rho 4), external A<0 (rho 4),
+    #       external A<0 (unknown), external A=0 (rho 0.5), local A<0 (rho ignored)
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0, 0.0, -1.0])
+    is_local = torch.tensor([False] * 6 + [True])
+    log_rho = torch.tensor(
+        [math.log(0.5), math.log(0.5), math.log(4), math.log(4), math.nan, math.log(0.5), 0.3]
+    )
+    return grpo.off_policy_factor(strategy, advantages, is_local, log_rho, cap).tolist()
+
+
+def test_off_policy_factors_match_hand_values():
+    assert _factor("none") == [1, 1, 1, 1, 1, 1, 1]
+    assert _factor("positive_only") == [1, 0, 1, 0, 0, 0, 1]
+    assert _factor("importance", cap=2.0) == pytest.approx([0.5, 0.5, 2.0, 2.0, 1.0, 0.5, 1.0])
+    assert _factor("importance", cap=1.0) == pytest.approx([0.5, 0.5, 1.0, 1.0, 1.0, 0.5, 1.0])
+    assert _factor("topr") == pytest.approx([1, 0.5, 1, 1, 0, 0, 1])
+    with pytest.raises(ValueError, match="off_policy.*expected one of"):
+        _factor("trust-me")
+
+
+def _with_claims(group: ScoredGroup, logprobs: tuple[float, ...], tokens: tuple[int, ...]) -> ScoredGroup:
+    g = dataclasses.replace(group.group, behaviour_logprobs=logprobs, behaviour_num_tokens=tokens)
+    return dataclasses.replace(group, group=g)
+
+
+def test_malformed_behaviour_claims_count_as_unknown():
+    group = scored((1,), [(5, EOS), (6, EOS)], [1.0, 0.0], source="peer-a")
+    assert grpo.declared_behaviour_mean(_with_claims(group, (-3.0, -1.0), (2, 2))) == [-1.5, -0.5]
+    for logprobs, tokens in [((0.5, -1.0), (2, 2)), ((math.inf, -1.0), (2, 2)), ((-1.0, -1.0), (0, 2))]:
+        assert math.isnan(grpo.declared_behaviour_mean(_with_claims(group, logprobs, tokens))[0])
+    assert all(map(math.isnan, grpo.declared_behaviour_mean(_with_claims(group, (-1.0,), (2,)))))
+    assert all(map(math.isnan, grpo.declared_behaviour_mean(group)))  # no claim at all
+
+
+def test_importance_weights_in_the_trainer_match_hand_computed_values():
+    model = tiny_model()
+    local = scored((1, 3), [(10, 11, EOS), (12, EOS)], [1.0, 0.0])
+    honest = _with_claims(
+        scored((1, 3), [(20, 21, EOS), (22, EOS)], [1.0, 0.0], source="peer-a", index=1), (-9.0, -4.0), (3, 2)
+    )
+    cfg = GRPOConfig(off_policy="importance", importance_cap=1.5)
+    means = []
+    for completion in honest.completion_ids:
+        batch = build_batch([scored((1, 3), [completion], [0.0])], PAD)
+        with torch.no_grad():
+            logp, _ = token_logprobs(model, batch)
+        means.append(((logp * batch.completion_mask).sum() / batch.completion_mask.sum()).item())
+    rho = [min(1.5, math.exp(m - b)) for m, b in zip(means, (-3.0, -2.0), strict=True)]
+    a = 0.5 / (0.5 + 1e-4)
+    # local A = +-a on 3 and 2 tokens (5 in all); external the same with weights rho; shares 1/2
+    by_hand = -(0.5 / 5) * (3 * a - 2 * a) - (0.5 / 5) * (rho[0] * 3 * a - rho[1] * 2 * a)
+    metrics = GRPOTrainer(model, cfg, PAD).step([local, honest])
+    assert metrics["loss"] == pytest.approx(by_hand, rel=1e-4)
+    assert metrics["is_weight_mean"] == pytest.approx(sum(rho) / 2, rel=1e-5)
+
+
+def test_a_forged_behaviour_logprob_cannot_push_the_weight_past_the_cap():
+    model = tiny_model()
+    local = scored((1, 3), [(10, 11, EOS), (12, EOS)], [1.0, 0.0])
+    forged = _with_claims(
+        scored((1, 3), [(20, 21, EOS), (22, EOS)], [1.0, 0.0], source="peer-a", index=1),
+        (-1e30, -1e30),  # "my policy found this text astronomically unlikely": rho would be e^(3e29)
+        (1, 1),
+    )
+    cfg = GRPOConfig(off_policy="importance", importance_cap=2.0)
+    metrics = GRPOTrainer(model, cfg, PAD).step([local, forged])
+    assert metrics["is_weight_mean"] == 2.0
+    assert metrics["is_frac_capped"] == 1.0
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+    a = 0.5 / (0.5 + 1e-4)
+    assert metrics["loss"] == pytest.approx(-(0.5 / 5) * a - (0.5 / 5) * 2.0 * a, rel=1e-4)
+
+
+def test_external_text_is_clipped_against_this_nodes_policy_of_before_the_round():
+    cfg = GRPOConfig(minibatches=2, num_iterations=3, learning_rate=5e-2, off_policy="none")
+    metrics = GRPOTrainer(tiny_model(), cfg, PAD).step(_signal_groups())
+    assert metrics["ratio_max_external"] > 1.0 + cfg.epsilon_high  # the ratio moved past the clip range
+    assert metrics["clip_frac_low_external"] + metrics["clip_frac_high_external"] > 0
+    assert metrics["ratio_min_local"] < 1.0 < metrics["ratio_max_local"]
+
+
+# --------------------------------------------------------------------------- trainer settings that must reach the update
+
+
+def test_zero_variance_groups_are_kept_for_their_kl_term_when_beta_is_positive():
+    model = tiny_model()
+    trainer = GRPOTrainer(
+        model, GRPOConfig(beta=0.1, learning_rate=1e-2), PAD, ref_model=copy.deepcopy(model)
+    )
+    for _ in range(3):
+        trainer.step(_signal_groups())  # move away from the reference
+    flat = scored((1, 3), [(10, 11, EOS), (20, 21, EOS)], [1.0, 1.0])
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = trainer.step([flat])
+    assert metrics["num_groups_trained"] == 1 and metrics["optimizer_steps"] == 1
+    assert metrics["kl"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(("scale_rewards", "advantage"), [(True, 0.5 / (0.5 + 1e-4)), (False, 0.5)])
+def test_scale_rewards_reaches_the_trainer(scale_rewards, advantage):
+    # rewards 1, 0 on 3 and 1 tokens: loss = -(1/4) (3 A - A) = -A / 2 at ratio 1
+    group = scored((1, 3), [(10, 11, EOS), (12,)], [1.0, 0.0])
+    metrics = GRPOTrainer(tiny_model(), GRPOConfig(scale_rewards=scale_rewards), PAD).step([group])
+    assert metrics["loss"] == pytest.approx(-advantage / 2, rel=1e-5)
+
+
+def test_temperature_reaches_the_trainer():
+    model = tiny_model()
+    groups = _signal_groups()
+    batch = build_batch(groups, PAD)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1] / 0.5
+    probs = logits.softmax(-1)
+    entropy = -(probs * probs.log()).sum(-1)
+    expected = grpo.masked_mean(entropy, batch.completion_mask).item()
+    metrics = GRPOTrainer(model, GRPOConfig(temperature=0.5, off_policy="none"), PAD).step(groups)
+    assert metrics["entropy"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_reference_model_stays_frozen():
+    model = tiny_model()
+    ref = copy.deepcopy(model)
+    ref.train()
+    frozen = [p.detach().clone() for p in ref.parameters()]
+    trainer = GRPOTrainer(model, GRPOConfig(beta=0.1, learning_rate=1e-2), PAD, ref_model=ref)
+    assert not ref.training
+    assert not any(p.requires_grad for p in ref.parameters())
+    for _ in range(2):
+        trainer.step(_signal_groups())
+    assert all(torch.equal(a, b) for a, b in zip(frozen, ref.parameters(), strict=True))
+    assert all(p.grad is None for p in ref.parameters())
+
+
+def test_reward_mean_covers_every_completion_given():
+    flat = scored((1,), [(5, EOS), (6, EOS)], [1.0, 1.0], index=3)
+    metrics = GRPOTrainer(tiny_model(), GRPOConfig(), PAD).step([*_signal_groups(), flat])
+    # (1 + 0 + 1 + 0) + (0 + 1 + 0.5) + (1 + 1) = 5.5 over 9 completions
+    assert metrics["reward_mean"] == pytest.approx(5.5 / 9)
+
+
+def test_gradient_checkpointing_gives_the_same_update_and_leaves_the_model_in_eval_mode():
+    plain, checkpointed = tiny_model(), tiny_model()
+    cfg = GRPOConfig(learning_rate=1e-2, off_policy="none")
+    m_plain = GRPOTrainer(plain, cfg, PAD).step(_signal_groups())
+    m_ckpt = GRPOTrainer(checkpointed, cfg.model_copy(update={"gradient_checkpointing": True}), PAD).step(
+        _signal_groups()
+    )
+    assert checkpointed.is_activation_checkpointing and not plain.is_activation_checkpointing
+    assert m_ckpt["loss"] == pytest.approx(m_plain["loss"], rel=1e-6)
+    assert m_ckpt["grad_norm"] == pytest.approx(m_plain["grad_norm"], rel=1e-5)
+    for a, b in zip(plain.parameters(), checkpointed.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not checkpointed.training  # generation after the step keeps its KV cache
+
+
+def test_every_minibatch_carries_the_whole_batchs_weight(monkeypatch):
+    sums: list[float] = []
+    real_loss = grpo.clipped_policy_loss
+
+    def spy(*args, token_weights, **kwargs):
+        sums.append(token_weights.sum().item())
+        return real_loss(*args, token_weights=token_weights, **kwargs)
+
+    monkeypatch.setattr(grpo, "clipped_policy_loss", spy)
+    cfg = GRPOConfig(minibatches=3, num_iterations=2, off_policy="none")
+    GRPOTrainer(tiny_model(), cfg, PAD).step(_signal_groups())
+    # shares 1/2 + 1/2, whichever rows a minibatch holds
+    assert sums == pytest.approx([1.0] * 6, rel=1e-5)

@@ -46,7 +46,9 @@ def test_unknown_embedded_model_error_lists_the_shipped_ones() -> None:
 
 def test_hub_id_without_hub_says_to_pass_a_local_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ModelLoadError, match="not found locally and the hub is unreachable.*pass a local path"):
+    with pytest.raises(
+        ModelLoadError, match="not found locally and the hub is unreachable.*pass a local path"
+    ):
         load_policy(ModelConfig(path="swarmnode-tests/no-such-model"), "cpu")
 
 
@@ -122,3 +124,85 @@ def test_small_batch_limit_gives_the_same_greedy_results(policy: Policy, prompts
     params = SamplingParams(n=2, greedy=True, max_new_tokens=10)
     chunked = TransformersBackend(policy, max_batch_sequences=2).generate(prompts, params)
     assert chunked == TransformersBackend(policy).generate(prompts, params)
+
+
+def _teacher_forced_logprob(
+    policy: Policy, prompt: list[int], ids: tuple[int, ...], temperature: float
+) -> float:
+    sequence = torch.tensor([prompt + list(ids)])
+    with torch.no_grad():
+        logits = policy.model(input_ids=sequence).logits[0, len(prompt) - 1 : -1] / temperature
+    return logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).sum().item()
+
+
+def test_sampled_completions_carry_their_behaviour_logprob(
+    policy: Policy, backend: TransformersBackend, prompts: list[list[int]]
+) -> None:
+    # left-padded batch, some completions finished (EOS counted), some cut at max_new_tokens
+    checked = 0
+    for temperature, max_new_tokens in [(0.7, 8), (1.5, 3)]:  # the second cuts inside uncertain tokens
+        params = SamplingParams(n=3, temperature=temperature, max_new_tokens=max_new_tokens, seed=5)
+        groups = backend.generate(prompts, params)
+        for prompt, group in zip(prompts, groups, strict=True):
+            for generation in group:
+                expected = _teacher_forced_logprob(policy, prompt, generation.token_ids, temperature)
+                assert generation.logprob == pytest.approx(expected, abs=1e-3)
+                checked += 1
+    assert checked == 2 * 3 * len(prompts)
+    # top-p renormalises over the nucleus: each sampled token is at least as likely as untruncated
+    nucleus = backend.generate(
+        prompts[:2], SamplingParams(n=4, temperature=1.0, top_p=0.5, max_new_tokens=6, seed=2)
+    )
+    for prompt, group in zip(prompts[:2], nucleus, strict=True):
+        for generation in group:
+            assert (
+                generation.logprob
+                >= _teacher_forced_logprob(policy, prompt, generation.token_ids, 1.0) - 1e-4
+            )
+    greedy = backend.generate(prompts[:1], SamplingParams(n=1, greedy=True, max_new_tokens=4))
+    assert greedy[0][0].logprob is None
+
+
+def test_held_out_evaluation_uses_the_configured_completion_length(policy: Policy) -> None:
+    from types import SimpleNamespace
+
+    from swarmnode.config import NodeConfig
+    from swarmnode.node.runtime import NodeRuntime
+
+    seen: list[SamplingParams] = []
+
+    class RecordingBackend(TransformersBackend):
+        def generate(self, prompt_ids: list[list[int]], params: SamplingParams):  # type: ignore[override]
+            seen.append(params)
+            return super().generate(prompt_ids, params)
+
+    cfg = NodeConfig.model_validate({"grpo": {"max_completion_length": 5}, "tasks": {"eval_size": 2}})
+    runtime = SimpleNamespace(
+        cfg=cfg, policy=policy, backend=RecordingBackend(policy), registry=TaskRegistry("easy")
+    )
+    accuracy = NodeRuntime.evaluate(runtime)  # type: ignore[arg-type]
+    assert 0.0 <= accuracy <= 1.0
+    assert [(p.greedy, p.max_new_tokens) for p in seen] == [(True, 5)]
+
+
+def test_local_rollout_groups_carry_behaviour_logprobs_for_receivers(policy: Policy) -> None:
+    from types import SimpleNamespace
+
+    from swarmnode.config import NodeConfig
+    from swarmnode.node.loop import Node
+
+    cfg = NodeConfig.model_validate(
+        {"sampler": {"local_groups": 2}, "grpo": {"num_generations": 3, "max_completion_length": 6}}
+    )
+    runtime = SimpleNamespace(
+        policy=policy, backend=TransformersBackend(policy), registry=TaskRegistry("easy")
+    )
+    scored, _ = Node(cfg, runtime=runtime).generate_local(round_index=0)  # type: ignore[arg-type]
+    assert len(scored) == 2
+    for group in scored:
+        rollout = group.group
+        assert rollout.behaviour_num_tokens == tuple(len(ids) for ids in group.completion_ids)
+        assert rollout.behaviour_logprobs is not None and len(rollout.behaviour_logprobs) == 3
+        for logprob, ids in zip(rollout.behaviour_logprobs, group.completion_ids, strict=True):
+            expected = _teacher_forced_logprob(policy, list(group.prompt_ids), ids, cfg.grpo.temperature)
+            assert logprob == pytest.approx(expected, abs=1e-3)

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from swarmnode.config import NodeConfig, config_from_dict, load_config
+from swarmnode.config import AdminConfig, ConfigError, NodeConfig, config_from_dict, load_config
 from swarmnode.identity import IdentityLock, init_key
 from swarmnode.node import preflight
 from swarmnode.node.preflight import (
     CheckResult,
+    check_admin_exposure,
     check_bootstrap,
     check_data_dir,
     check_disk_space,
@@ -59,7 +60,14 @@ def free_port() -> int:
 def test_a_healthy_config_passes_every_check_and_exits_zero(tmp_path: Path, model_dir: Path) -> None:
     cfg = node_cfg(tmp_path, model_dir, p2p={"enabled": False})
     results = run_preflight(cfg, CPU)
-    assert {r.name for r in results} >= {"data dir", "identity key", "hardware", "model", "disk space", "bootstrap"}
+    assert {r.name for r in results} >= {
+        "data dir",
+        "identity key",
+        "hardware",
+        "model",
+        "disk space",
+        "bootstrap",
+    }
     assert [r for r in results if r.status != "ok"] == []
     assert preflight_exit_code(results) == 0
 
@@ -136,7 +144,8 @@ def test_port_in_use_is_fatal_and_port_zero_is_always_fine(tmp_path: Path, model
         busy.listen()
         port = busy.getsockname()[1]
         cfg = node_cfg(
-            tmp_path, model_dir,
+            tmp_path,
+            model_dir,
             p2p={"listen": [f"/ip4/127.0.0.1/tcp/{port}", "/ip4/127.0.0.1/tcp/0"]},
             admin={"listen": "127.0.0.1:0", "metrics_listen": None},
         )
@@ -147,7 +156,11 @@ def test_port_in_use_is_fatal_and_port_zero_is_always_fine(tmp_path: Path, model
 
 
 def test_malformed_listen_addresses_are_fatal(tmp_path: Path, model_dir: Path) -> None:
-    cfg = node_cfg(tmp_path, model_dir, p2p={"listen": ["/ip4/127.0.0.1/udp/9"]}, admin={"listen": "nonsense"})
+    with pytest.raises(ConfigError, match=r"admin\.listen: expected HOST:PORT"):
+        node_cfg(tmp_path, model_dir, admin={"listen": "nonsense"})  # refused at load already
+    cfg = node_cfg(tmp_path, model_dir, p2p={"listen": ["/ip4/127.0.0.1/udp/9"]})
+    unchecked = AdminConfig.model_construct(listen="nonsense", metrics_listen="127.0.0.1:0", token=None)
+    cfg = cfg.model_copy(update={"admin": unchecked})  # a config built around validation
     bad_p2p, bad_admin, _metrics = check_listen_ports(cfg)
     assert bad_p2p.fatal and "--listen" in bad_p2p.message
     assert bad_admin.fatal and "HOST:PORT" in bad_admin.message
@@ -171,10 +184,13 @@ def test_reachable_bootstrap_is_ok(tmp_path: Path, model_dir: Path) -> None:
     assert result.status == "ok" and "1 of 1 reachable" in result.message
 
 
-def test_unreachable_or_incomplete_bootstrap_warns_and_continues_in_silo(tmp_path: Path, model_dir: Path) -> None:
+def test_unreachable_or_incomplete_bootstrap_warns_and_continues_in_silo(
+    tmp_path: Path, model_dir: Path
+) -> None:
     port = free_port()  # nothing listens there any more
     cfg = node_cfg(
-        tmp_path, model_dir,
+        tmp_path,
+        model_dir,
         p2p={"bootstrap": [f"/ip4/127.0.0.1/tcp/{port}/p2p/{PEER}", "/ip4/127.0.0.1/tcp/4001"]},
     )
     result = check_bootstrap(cfg, timeout=0.5)
@@ -203,12 +219,17 @@ def test_impossible_hardware_request_is_fatal(tmp_path: Path, model_dir: Path) -
 def test_exit_code_is_nonzero_only_for_fatal_failures() -> None:
     warn = CheckResult("bootstrap", "warn", "silo")
     assert preflight_exit_code([CheckResult("a", "ok", ""), warn]) == 0
-    assert preflight_exit_code([warn, CheckResult("model", "fail", "x", fatal=True)]) == preflight.EXIT_PREFLIGHT_FAILED
+    assert (
+        preflight_exit_code([warn, CheckResult("model", "fail", "x", fatal=True)])
+        == preflight.EXIT_PREFLIGHT_FAILED
+    )
 
 
 def test_failures_are_printed_with_their_message(tmp_path: Path) -> None:
     out = io.StringIO()
-    print_preflight([CheckResult("model", "fail", "no config.json here", fatal=True)], Console(file=out, width=200))
+    print_preflight(
+        [CheckResult("model", "fail", "no config.json here", fatal=True)], Console(file=out, width=200)
+    )
     text = out.getvalue()
     assert "no config.json here" in text and "cannot start" in text
 
@@ -220,7 +241,11 @@ def test_presets_load_and_pass_preflight_on_the_embedded_model(preset: str, tmp_
         pytest.skip("embedded model tiny-a not built yet (scripts/build_tiny_models.py)")
     cfg = load_config(
         REPO / "configs" / preset,
-        overrides={"model.path": "embedded:tiny-a", "data_dir": str(tmp_path), "p2p.listen": ["/ip4/127.0.0.1/tcp/0"]},
+        overrides={
+            "model.path": "embedded:tiny-a",
+            "data_dir": str(tmp_path),
+            "p2p.listen": ["/ip4/127.0.0.1/tcp/0"],
+        },
         environ={},
     )
     results = run_preflight(cfg, CPU)
@@ -235,3 +260,35 @@ def test_presets_are_valid_configs(preset: str) -> None:
         assert (cfg.model.path, cfg.tasks.preset) == ("Qwen/Qwen2.5-0.5B-Instruct", "paper")
         assert (cfg.sampler.local_groups, cfg.sampler.external_groups) == (4, 4)
         assert (cfg.grpo.epsilon, cfg.grpo.epsilon_high, cfg.grpo.beta) == (0.2, 0.28, 0.0)
+
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+def test_admin_exposure_says_who_can_reach_the_admin_api_and_metrics(tmp_path: Path, model_dir: Path) -> None:
+    local = check_admin_exposure(node_cfg(tmp_path, model_dir))
+    assert (local.status, local.message) == ("ok", "admin API and /metrics on loopback only")
+    guarded = check_admin_exposure(
+        node_cfg(
+            tmp_path,
+            model_dir,
+            admin={"listen": "0.0.0.0:7500", "metrics_listen": "0.0.0.0:9100", "token": TOKEN},
+        )
+    )
+    assert guarded.status == "ok"
+    assert (
+        guarded.message
+        == "0.0.0.0:7500, 0.0.0.0:9100 reachable from other machines; calls need the admin token"
+    )
+    public = check_admin_exposure(
+        node_cfg(tmp_path, model_dir, admin={"metrics_listen": "0.0.0.0:9100", "metrics_public": True})
+    )
+    assert public.status == "warn" and not public.fatal and "served without a token" in public.message
+    unreachable = check_admin_exposure(node_cfg(tmp_path, model_dir, admin={"advertise_host": "203.0.113.7"}))
+    assert (
+        unreachable.status == "warn"
+        and "other hosts cannot reach what this node advertises" in unreachable.message
+    )
+    assert "admin exposure" in {
+        r.name for r in run_preflight(node_cfg(tmp_path, model_dir, p2p={"enabled": False}), CPU)
+    }

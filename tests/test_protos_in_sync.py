@@ -15,7 +15,9 @@ def test_generated_protobuf_code_is_in_sync_with_the_protos() -> None:
     pytest.importorskip("grpc_tools", reason="grpcio-tools (dev extra) generates the code")
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "gen_protos.py"), "--check"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
 
@@ -31,11 +33,16 @@ def test_check_fails_and_names_the_file_when_generated_code_drifts(tmp_path: Pat
     pytest.importorskip("grpc_tools", reason="grpcio-tools (dev extra) generates the code")
     gen = tmp_path / "gen"
     script = str(REPO / "scripts" / "gen_protos.py")
-    subprocess.run([sys.executable, script, "--gen-dir", str(gen)], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, script, "--gen-dir", str(gen)], check=True, capture_output=True, timeout=120
+    )
     (gen / "wire_pb2.py").write_text((gen / "wire_pb2.py").read_text() + "\n# edited by hand\n")
     (gen / "old_pb2.py").write_text("")
     result = subprocess.run(
-        [sys.executable, script, "--check", "--gen-dir", str(gen)], capture_output=True, text=True, timeout=120
+        [sys.executable, script, "--check", "--gen-dir", str(gen)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1
     assert "out of date wire_pb2.py" in result.stderr and "unexpected old_pb2.py" in result.stderr

@@ -2,10 +2,13 @@
 
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -35,8 +38,13 @@ set = { "sampler.local_groups" = 1, "sampler.external_groups" = 1 }
 
 
 def simulate(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "swarmnode", "simulate", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "swarmnode", "simulate", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def rounds_done(metrics: Path) -> int:
@@ -76,17 +84,66 @@ def test_interrupted_simulation_stops_nodes_then_resumes_and_reports(tmp_path: P
     report = (out / "report.md").read_text()
     assert "| 1/1 | 1 |" in report
     assert (out / "reward_curves.png").stat().st_size > 1000
-    summary = json.loads((out / "results.json").read_text())["summary"][0]
-    assert summary["final_eval_accuracy_mean"] is not None and summary["cumulative_reward_mean"] >= 0
+    results = json.loads((out / "results.json").read_text())
+    summary = results["summary"][0]
+    # The report's figures are the nodes' own metrics, summed over rounds and nodes.
+    rows = {
+        node: [json.loads(line) for line in (run / node / "metrics.jsonl").read_text().splitlines()]
+        for node in ("node-0", "node-1")
+    }
+    expected_reward = sum(r["reward_mean"] for node_rows in rows.values() for r in node_rows)
+    assert summary["cumulative_reward_mean"] == pytest.approx(expected_reward)
+    final_accuracies = [node_rows[-1]["eval_accuracy"] for node_rows in rows.values()]
+    assert summary["final_eval_accuracy_mean"] == pytest.approx(sum(final_accuracies) / 2)
+    assert summary["generated_rollouts_per_node"] == 30 * 1 * 4  # 30 rounds x I=1 x G=4
+    assert len(list(run.glob("node-*/tensorboard/events.out.tfevents.*"))) == 2
 
-    # A finished run is skipped; --report-only aggregates what is there.
+    # A finished run is skipped; --report-only rebuilds the same report from what is there.
+    (out / "results.json").unlink()
+    (out / "report.md").unlink()
     third = simulate(str(tmp_path / "tiny.toml"), "--out", str(out), "--report-only")
-    assert third.wait(timeout=120) == 0
+    _, err = third.communicate(timeout=120)
+    assert third.returncode == 0, err[-3000:]
+    assert "already done" not in err  # --report-only starts no run, not even to skip it
+    assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
+    assert (out / "report.md").read_text() == report
 
 
 def test_experiment_errors_name_the_configuration_and_key(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"(?s)configuration .bad.*grpo\.epsilon"):
-        parse_experiment({"nodes": 2, "rounds": 1, "configuration": [{"name": "bad", "set": {"grpo.epsilon": "x"}}]})
+        parse_experiment(
+            {"nodes": 2, "rounds": 1, "configuration": [{"name": "bad", "set": {"grpo.epsilon": "x"}}]}
+        )
     with pytest.raises(ConfigError, match="no built-in experiment"):
         load_experiment("builtin:nope")
     assert load_experiment("builtin:paper-cpu").nodes == 8
+
+
+def test_inline_task_mix_and_verify_extra_reach_the_node_registry(tmp_path: Path):
+    from swarmnode.config import config_from_dict
+    from swarmnode.tasks.registry import TaskRegistry, UnknownTaskError
+
+    two_digit = {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2}
+    experiment = parse_experiment(
+        {
+            "nodes": 2,
+            "rounds": 1,
+            "base": {"tasks.mix": [{"dataset": "chain_sum", "config": two_digit}], "tasks.eval_size": 4},
+            "node": [{"index": 1, "set": {"tasks.verify_extra": [{"dataset": "basic_arithmetic"}]}}],
+        }
+    )
+    configs = [experiment.node_config(experiment.configurations[0], 0, i, tmp_path) for i in range(2)]
+    # The inline mix survives the resolved config file each node process reads back.
+    reread = [config_from_dict(tomllib.loads(cfg.to_toml())) for cfg in configs]
+    assert reread == configs
+    plain, verifier = (TaskRegistry.from_config(cfg.tasks) for cfg in reread)
+    sampled = verifier.sample(random.Random(0), 40)
+    assert {t.ref.dataset for t in sampled} == {"chain_sum"}  # verify_extra is never sampled
+    numbers = [int(n) for t in sampled for n in re.findall(r"\d+", t.question)]
+    assert len(numbers) == 80 and all(10 <= n <= 99 for n in numbers)  # the inline config, not "easy"
+    assert [t.ref.dataset for t in verifier.eval_tasks(4)] == ["chain_sum", "basic_arithmetic"] * 2
+    foreign = verifier.eval_tasks(2)[1]
+    assert verifier.regenerate(foreign.ref) == foreign  # it can check a peer's basic_arithmetic group
+    with pytest.raises(UnknownTaskError, match="basic_arithmetic"):
+        plain.regenerate(foreign.ref)
+    assert plain.sample(random.Random(0), 1)[0].ref.config_digest == sampled[0].ref.config_digest

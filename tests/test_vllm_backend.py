@@ -27,9 +27,16 @@ def policy() -> SimpleNamespace:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", pad_token="<pad>")
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=True,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        tie_word_embeddings=True,
     )
     return SimpleNamespace(model=Qwen2ForCausalLM(config), tokenizer=tokenizer, model_id="test/tiny")
 
@@ -59,8 +66,12 @@ class FakeLLM:
             SimpleNamespace(
                 prompt_token_ids=p["prompt_token_ids"],
                 outputs=[
-                    SimpleNamespace(index=i, token_ids=self.script[i % len(self.script)][0],
-                                    finish_reason=self.script[i % len(self.script)][1])
+                    SimpleNamespace(
+                        index=i,
+                        token_ids=self.script[i % len(self.script)][0],
+                        finish_reason=self.script[i % len(self.script)][1],
+                        cumulative_logprob=-1.5 * (i + 1),
+                    )
                     for i in range(sp.n)
                 ],
             )
@@ -83,14 +94,18 @@ class LegacyFakeLLM(FakeLLM):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         runner = SimpleNamespace(model=self.model)
-        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner)))
+        self.llm_engine = SimpleNamespace(
+            model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner))
+        )
 
 
 def make_backend(policy: SimpleNamespace, factory: Any = FakeLLM, **kwargs: Any) -> VLLMBackend:
     return VLLMBackend(policy, gpu_memory_utilization=0.3, seed=7, engine_factory=factory, **kwargs)
 
 
-def test_engine_is_built_from_an_exported_model_dir_with_configured_memory_share(policy: SimpleNamespace) -> None:
+def test_engine_is_built_from_an_exported_model_dir_with_configured_memory_share(
+    policy: SimpleNamespace,
+) -> None:
     backend = make_backend(policy, max_model_len=256)
     kwargs = backend.engine.kwargs
     assert (Path(kwargs["model"]) / "config.json").is_file()
@@ -106,7 +121,9 @@ def test_engine_is_built_from_an_exported_model_dir_with_configured_memory_share
 
 def test_generate_returns_n_generations_per_prompt_in_order_with_eos_rules(policy: SimpleNamespace) -> None:
     backend = make_backend(policy)
-    out = backend.generate([[2, 3], [4]], SamplingParams(n=3, temperature=0.9, top_p=0.95, max_new_tokens=5, seed=100))
+    out = backend.generate(
+        [[2, 3], [4]], SamplingParams(n=3, temperature=0.9, top_p=0.95, max_new_tokens=5, seed=100)
+    )
     assert [len(gens) for gens in out] == [3, 3]
     stop_with_eos, stop_without_eos, truncated = out[0]
     assert stop_with_eos.token_ids == (5, 6, EOS) and stop_with_eos.finished
@@ -117,6 +134,10 @@ def test_generate_returns_n_generations_per_prompt_in_order_with_eos_rules(polic
     prompts, sampling = backend.engine.calls[0]
     assert prompts == [{"prompt_token_ids": [2, 3]}, {"prompt_token_ids": [4]}]
     assert [(s.n, s.temperature, s.top_p, s.max_tokens) for s in sampling] == [(3, 0.9, 0.95, 5)] * 2
+    # behaviour log-probs: the sampled tokens' log-probs after temperature and top-p
+    assert [s.logprobs for s in sampling] == [0, 0]
+    assert backend.engine.kwargs["logprobs_mode"] == "processed_logprobs"
+    assert [g.logprob for g in out[0]] == [-1.5, -3.0, -4.5]
     assert [s.seed for s in sampling] == [100, 101]  # one seed per prompt
 
 
@@ -154,7 +175,9 @@ def test_push_weights_explains_an_engine_it_cannot_reach() -> None:
         push_weights(object(), [("w", torch.zeros(1))])
 
 
-def test_missing_vllm_gives_an_actionable_error(policy: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_vllm_gives_an_actionable_error(
+    policy: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
     with pytest.raises(RuntimeError, match=r"install swarmnode\[vllm\] in a CUDA environment"):
         VLLMBackend(policy, gpu_memory_utilization=0.3, seed=0)

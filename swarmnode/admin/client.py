@@ -1,7 +1,10 @@
 """The operator CLI's side of the admin API: `swarmnode status`, `peers`, `net`, `events`.
 
 Each command reaches a node's admin gRPC service (address: `--node`, else the discovery file in
-`--data-dir`, else 127.0.0.1:7500; see swarmnode.admin.discovery), prints a rich table, or JSON
+`--data-dir`, else 127.0.0.1:7500; see swarmnode.admin.discovery) with the admin token of `--token`
+or else of the environment variable SWARMNODE__ADMIN__TOKEN (the one the node reads its
+admin.token from; safer than a flag, which other local users see in the process list), prints a
+rich table, or JSON
 with `--json` (one document; one JSON line per refresh with `--watch`), and with `--watch`
 refreshes every 2 s until Ctrl-C. When no node answers it prints one line on stderr and exits 2.
 
@@ -14,6 +17,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +29,9 @@ from typing import Any
 import grpc
 from rich.console import Console, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from swarmnode.admin.convert import from_proto
 from swarmnode.admin.discovery import DEFAULT_DATA_DIR, resolve_admin_address
@@ -33,6 +40,7 @@ from swarmnode.admin.source import Event, NetworkNode, NodeStatus, PeerInfo
 from swarmnode.wire.gen import admin_pb2, admin_pb2_grpc
 
 EXIT_UNREACHABLE = 2
+TOKEN_ENV = "SWARMNODE__ADMIN__TOKEN"
 WATCH_INTERVAL_S = 2.0
 CALL_TIMEOUT_S = 5.0
 
@@ -92,6 +100,10 @@ class AdminClient:
 
     def events(self, cursor: int = 0, max_duration_s: float = 0.0) -> Iterator[tuple[Event, int]]:
         """(event, cursor to resume after it) pairs; the stream ends after max_duration_s."""
+        if not math.isfinite(max_duration_s) or max_duration_s < 0:
+            raise AdminError(
+                f"the follow time must be a finite number of seconds >= 0, got {max_duration_s!r}"
+            )
         request = admin_pb2.EventsRequest(cursor=cursor, max_duration_s=max_duration_s)
         try:
             stream = self._stub.StreamEvents(
@@ -179,17 +191,29 @@ def render_status(status: NodeStatus) -> RenderableType:
     return table
 
 
+def _ban(peer: PeerInfo, now: float) -> str:
+    """'banned (bad_signature), 4m12s left' for a banned peer."""
+    reason = f" ({peer.ban_reason})" if peer.ban_reason else ""
+    left = f", {_duration(peer.banned_until - now)} left" if peer.banned_until > now else ""
+    return f"banned{reason}{left}"
+
+
 def render_peers(peers: list[PeerInfo], now: float) -> RenderableType:
-    table = Table(title=f"{len(peers)} connected peers", title_justify="left")
+    connected = [p for p in peers if not p.banned]
+    banned = [p for p in peers if p.banned]
+    title = f"{len(connected)} connected peers" + (f", {len(banned)} banned" if banned else "")
+    table = Table(title=title, title_justify="left")
     for column in ("peer id", "addresses", "connected", "msgs in/out", "bytes in/out", "verdicts", "score"):
         table.add_column(
             column, justify="right" if column in ("msgs in/out", "bytes in/out", "score") else "left"
         )
-    for p in sorted(peers, key=lambda p: p.peer_id):
+    for p in sorted(banned, key=lambda p: p.peer_id):
+        table.add_row(_short(p.peer_id), "-", Text(_ban(p, now), style="red"), "-", "-", "-", "-")
+    for p in sorted(connected, key=lambda p: p.peer_id):
         verdicts = " ".join(f"{reason}={count}" for reason, count in sorted(p.verdicts.items())) or "-"
         table.add_row(
             _short(p.peer_id),
-            "\n".join(p.addrs) or "-",
+            Text("\n".join(p.addrs) or "-"),
             _ago(p.connected_since, now),
             f"{p.msgs_in}/{p.msgs_out}",
             f"{_bytes(p.bytes_in)}/{_bytes(p.bytes_out)}",
@@ -201,19 +225,26 @@ def render_peers(peers: list[PeerInfo], now: float) -> RenderableType:
 
 def render_network(nodes: list[NetworkNode], now: float) -> RenderableType:
     table = Table(title=f"{len(nodes)} nodes seen (from heartbeats)", title_justify="left")
-    for column in ("peer id", "name", "model", "round", "reward trend", "peers", "last seen"):
+    columns = ["peer id", "name", "model", "round", "reward trend", "peers", "last seen"]
+    advertising = any(n.admin_address or n.metrics_address for n in nodes)
+    if advertising:
+        columns.append("admin / metrics")
+    for column in columns:
         table.add_column(column, justify="right" if column in ("round", "peers") else "left")
     for n in sorted(nodes, key=lambda n: (n.name, n.peer_id)):
         peers = "silo" if n.silo else str(n.peers)
-        table.add_row(
+        row: list[RenderableType] = [
             _short(n.peer_id),
-            n.name,
-            n.model_id,
+            Text(n.name),  # peer text: never read as rich markup
+            Text(n.model_id),
             str(n.round),
             _trend(n.reward_trend),
             peers,
             _ago(n.last_seen, now),
-        )
+        ]
+        if advertising:
+            row.append(Text(f"{n.admin_address or '-'} / {n.metrics_address or '-'}"))
+        table.add_row(*row)
     return table
 
 
@@ -238,6 +269,7 @@ def _run_view(
     interval_s: float,
 ) -> int:
     address = resolve_admin_address(node_addr, data_dir)
+    token = token or os.environ.get(TOKEN_ENV) or None
     out = Console(soft_wrap=as_json)
     err = Console(stderr=True)
     refreshes = 0
@@ -292,7 +324,8 @@ def peers_command(
     watch_count: int | None = None,
     interval_s: float = WATCH_INTERVAL_S,
 ) -> int:
-    """`swarmnode peers`: connected peers with traffic, validation verdicts and scores."""
+    """`swarmnode peers`: connected peers with traffic, validation verdicts and scores, then banned
+    peers with the reason and the time left."""
     return _run_view(
         AdminClient.peers, render_peers, node_addr, as_json, watch, token, data_dir, watch_count, interval_s
     )
@@ -308,7 +341,8 @@ def net_command(
     watch_count: int | None = None,
     interval_s: float = WATCH_INTERVAL_S,
 ) -> int:
-    """`swarmnode net`: every node this one has heard a heartbeat from recently."""
+    """`swarmnode net`: every node this one has heard a heartbeat from recently, with the admin and
+    /metrics addresses each advertises (admin.advertise_host) for operators of several machines."""
     return _run_view(
         AdminClient.network,
         render_network,
@@ -332,6 +366,7 @@ def events_command(
 ) -> int:
     """`swarmnode events`: the node's recent events; `--follow SECONDS` keeps streaming new ones."""
     address = resolve_admin_address(node_addr, data_dir)
+    token = token or os.environ.get(TOKEN_ENV) or None
     out = Console(soft_wrap=True)
     try:
         with AdminClient(address, token) as client:
@@ -341,7 +376,9 @@ def events_command(
                 else:
                     stamp = time.strftime("%H:%M:%S", time.localtime(event.time))
                     details = " ".join(f"{k}={v}" for k, v in sorted(event.fields.items()))
-                    out.print(f"{stamp} [bold]{event.kind}[/] {event.message} [dim]{details}[/]")
+                    out.print(
+                        f"{stamp} [bold]{escape(event.kind)}[/] {escape(event.message)} [dim]{escape(details)}[/]"
+                    )
     except AdminError as exc:
         Console(stderr=True).print(str(exc), markup=False, highlight=False, soft_wrap=True)
         return EXIT_UNREACHABLE if isinstance(exc, AdminUnreachable) else 1
@@ -361,7 +398,11 @@ def _common_options(parser: argparse.ArgumentParser, watchable: bool = True) -> 
         default=DEFAULT_DATA_DIR,
         help="find a local node's admin address in DATA_DIR/admin.json (default: %(default)s)",
     )
-    parser.add_argument("--token", help="admin token, when the node's admin service requires one")
+    parser.add_argument(
+        "--token",
+        help=f"admin token, when the node's admin service requires one (default: ${TOKEN_ENV}; "
+        "prefer the variable: other local users can read command lines)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     if watchable:
         parser.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
@@ -384,7 +425,11 @@ def add_admin_commands(subparsers: Any) -> None:
     `func(args) -> exit code`."""
     for name, command, help_text in (
         ("status", status_command, "this node's identity, model, round, rewards and p2p state"),
-        ("peers", peers_command, "connected peers: traffic, validation verdicts, scores"),
+        (
+            "peers",
+            peers_command,
+            "connected peers (traffic, verdicts, scores) and banned ones (reason, time left)",
+        ),
         ("net", net_command, "the network as seen through heartbeats: nodes, models, rounds, rewards"),
     ):
         parser = subparsers.add_parser(name, help=help_text, description=help_text)

@@ -6,16 +6,25 @@ The node feeds it from two places:
 - `update_p2p(snapshot)` whenever it polls the p2p client: the snapshot's counters are monotonic
   totals since the p2p process started, so this turns them into increments (and treats a total
   that went down, after a p2p process restart, as a fresh start from zero).
+
+`MetricsServer` serves /metrics. On loopback (the default, 127.0.0.1) it needs no token, like the
+admin API. Elsewhere the config requires a choice (swarmnode.config.AdminConfig): every scrape
+carries the admin token as a bearer token (Prometheus: ``authorization: {credentials: ...}``), or
+`admin.metrics_public = true` serves it to anyone who reaches the address, and the node warns.
 """
 
 from __future__ import annotations
 
+import hmac
 import math
+import socket
 import threading
-from collections.abc import Mapping, Sequence, Sized
+from collections.abc import Callable, Mapping, Sequence, Sized
+from socketserver import ThreadingMixIn
 from typing import Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from swarmnode.admin.addresses import join_host_port, split_host_port
 
@@ -197,23 +206,61 @@ class NodeMetrics:
             counter.inc(delta)
         self._last_totals[key] = total
 
-    def serve(self, address: str) -> MetricsServer:
-        """Serve /metrics over HTTP at 'host:port' (port 0 picks a free port; see `.address`)."""
-        return MetricsServer(self.registry, address)
+    def serve(self, address: str, token: str | None = None) -> MetricsServer:
+        """Serve /metrics over HTTP at 'host:port' (port 0 picks a free port; see `.address`).
+        With `token`, every scrape must send ``Authorization: Bearer <token>``."""
+        return MetricsServer(self.registry, address, token)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Scrapes are frequent; access lines would drown the node's log."""
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds up shutdown
+
+
+def _bearer_app(app: Callable[..., Any], token: str) -> Callable[..., Any]:
+    """`app` behind a bearer-token check, compared in constant time (Prometheus: `authorization:`)."""
+    expected = f"Bearer {token}".encode()
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        sent = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
+        if not hmac.compare_digest(sent, expected):
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="swarmnode"')],
+            )
+            return [b"this /metrics endpoint requires the node's admin token as a bearer token\n"]
+        return app(environ, start_response)
+
+    return guarded
 
 
 class MetricsServer:
     """A running /metrics endpoint; `stop()` shuts it down."""
 
-    def __init__(self, registry: CollectorRegistry, address: str) -> None:
+    def __init__(self, registry: CollectorRegistry, address: str, token: str | None = None) -> None:
         host, port = split_host_port(address, what="admin.metrics_listen")
+        app = make_wsgi_app(registry)
+        self.requires_token = token is not None
+        if token is not None:
+            app = _bearer_app(app, token)
+        server_class = type(
+            "_MetricsHTTPServer",
+            (_ThreadingWSGIServer,),
+            {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET},
+        )
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+            self._server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         except OSError as exc:
             raise OSError(
                 f"cannot serve /metrics on {address}: {exc.strerror or exc}; "
                 "set admin.metrics_listen to a free address (port 0 picks one) or None to turn it off"
             ) from exc
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
         self.address = join_host_port(host, self._server.server_port)
 
     @property

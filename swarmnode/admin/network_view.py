@@ -5,10 +5,15 @@ There is no central server. Every node periodically gossips a small signed heart
 go through the same validation pipeline as rollouts (size, decode, signature bound to the libp2p
 origin, replay, rate), so the `origin` handed to `NetworkView.observe` is authenticated. A node
 that stays silent for `expire_s` drops out of the view.
+
+A heartbeat may advertise where its operator reaches the node's admin API and /metrics
+(admin.advertise_host): that is what `swarmnode net` shows to an operator of several machines.
+Those addresses are claims of the signer, kept only when they are a plain HOST:PORT.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -25,9 +30,13 @@ def heartbeat_from_status(
     counters: Mapping[str, int],
     sequence: int,
     created_at: float | None = None,
+    *,
+    admin_address: str = "",
+    metrics_address: str = "",
 ) -> NodeHeartbeat:
     """This node's heartbeat: identity-free fields from its status plus its counters (the sender's
-    identity is the envelope's signature). Encode with `swarmnode.wire.encode_heartbeat`."""
+    identity is the envelope's signature), and the admin and /metrics addresses it chose to
+    advertise ("" = none). Encode with `swarmnode.wire.encode_heartbeat`."""
     kept = sorted(counters.items())[:MAX_COUNTERS]
     return NodeHeartbeat(
         name=status.name,
@@ -40,7 +49,20 @@ def heartbeat_from_status(
         silo=status.silo,
         peers=status.connected_peers,
         software_version=status.version,
+        admin_address=admin_address,
+        metrics_address=metrics_address,
     )
+
+
+def advertised_address(claim: str) -> str:
+    """A peer's advertised HOST:PORT when it is one, else "" (peer text shown to operators: a
+    plain host name or IP and a port, nothing a terminal or a table could interpret)."""
+    return claim if _ADVERTISED.fullmatch(claim) else ""
+
+
+_ADVERTISED = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}"
+)
 
 
 class NetworkView:
@@ -86,6 +108,8 @@ class NetworkView:
                 silo=beat.silo,
                 peers=beat.peers,
                 version=beat.software_version,
+                admin_address=advertised_address(beat.admin_address),
+                metrics_address=advertised_address(beat.metrics_address),
             )
             for peer, (beat, seen) in held
         ]

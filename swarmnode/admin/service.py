@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -68,7 +69,14 @@ class _AdminServicer(admin_pb2_grpc.AdminServicer):
 
     def StreamEvents(self, request: Any, context: grpc.ServicerContext) -> Iterator[admin_pb2.Event]:
         self._authorize(context)
-        deadline = time.monotonic() + min(max(request.max_duration_s, 0.0), MAX_STREAM_SECONDS)
+        wanted = request.max_duration_s
+        if not math.isfinite(wanted) or wanted < 0:  # NaN compares false with everything: never ends
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"max_duration_s must be a finite number of seconds >= 0 (the server caps it at "
+                f"{MAX_STREAM_SECONDS:.0f}), got {wanted!r}",
+            )
+        deadline = time.monotonic() + min(wanted, MAX_STREAM_SECONDS)
         cursor = request.cursor
         while True:
             events, cursor = self._source.events_since(cursor)

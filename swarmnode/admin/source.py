@@ -42,7 +42,7 @@ class NodeStatus:
 
 @dataclass(frozen=True)
 class PeerInfo:
-    """One connected peer, as `swarmnode peers` shows it."""
+    """One peer, as `swarmnode peers` shows it: a connected one, or a banned one (`banned`)."""
 
     peer_id: str
     addrs: list[str]
@@ -53,6 +53,9 @@ class PeerInfo:
     bytes_out: int
     verdicts: dict[str, int]  # validation verdicts on this peer's messages, by reason ("accepted", ...)
     score: float
+    banned: bool = False  # banned for bad messages: disconnected, not redialed, messages ignored
+    ban_reason: str = ""  # the verdict that banned it ("" when the p2p host did not say)
+    banned_until: float = 0.0  # unix time the ban ends (0 when the p2p host did not say)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class NetworkNode:
     silo: bool = False
     peers: int = 0  # its connected peers
     version: str = ""  # its swarmnode version
+    admin_address: str = ""  # HOST:PORT it advertises for its admin API ("" = none; a claim)
+    metrics_address: str = ""  # HOST:PORT it advertises for /metrics ("" = none; a claim)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,21 @@ class RoundCounters:
     rejected: Counter[str] = field(default_factory=Counter)  # by reason
     rejected_sources: Counter[str] = field(default_factory=Counter)  # by sender peer id
     latencies: list[float] = field(default_factory=list)
+    verified: int = 0  # candidates verified (regenerated + scored) this round, whatever the outcome
+    skipped: Counter[str] = field(default_factory=Counter)  # candidates dropped unverified, by reason
+    candidates: int = 0  # unverified candidates held after this round's intake
+    verify_stopped_by: str = ""  # "attempts" / "budget" when the round's verification limit was hit
+    reported: set[tuple[str, str]] = field(default_factory=set)  # (origin, reason) told to the host
+
+    def intake_metrics(self) -> dict[str, Any]:
+        """The round-metrics fields of bounded intake (docs/DESIGN.md "Metrics of a round")."""
+        return {
+            "intake_verified": self.verified,
+            "intake_skipped": sum(self.skipped.values()),
+            "intake_skipped_by_reason": dict(self.skipped),
+            "intake_candidates": self.candidates,
+            "intake_stopped_by": self.verify_stopped_by,
+        }
 
 
 class StopFlag:
@@ -68,6 +83,9 @@ class Node:
         self.rt = runtime or build_runtime(cfg)
         self.pool = ExternalPool(cfg.sampler)
         self.rng = random.Random(cfg.seed)
+        # Verification order has its own stream, so the sampler's draws stay as they were.
+        self.intake_rng = random.Random(cfg.seed + 1)
+        self._skipped_so_far: Counter[str] = Counter()
         self.stop = StopFlag()
         self.recent_rewards: deque[float] = deque(maxlen=50)
         self.round = 0
@@ -98,6 +116,11 @@ class Node:
                 model_id=rt.policy.model_id,
                 round=round_index,
                 created_at=now,
+                # the behaviour log-prob of each completion, for receivers' off-policy weights
+                behaviour_logprobs=None
+                if any(g.logprob is None for g in gens)
+                else tuple(float(g.logprob) for g in gens),  # type: ignore[arg-type]
+                behaviour_num_tokens=tuple(len(g.token_ids) for g in gens),
             )
             rewards = tuple(rt.registry.score(task, g.text) for g in gens)
             scored.append(ScoredGroup(group, rewards, tuple(prompt), tuple(g.token_ids for g in gens)))
@@ -109,26 +132,56 @@ class Node:
         }
 
     def take_in_external(self) -> RoundCounters:
-        """Step 5: validate, re-score and pool whatever peers sent since the last round."""
+        """Step 5: hold what peers sent as cheap candidates, then verify (regenerate, check, score in
+        the isolated worker, re-tokenize) only as many as the sampler is about to use plus a small
+        look-ahead, within the round's intake budget (rl.external)."""
         counters = RoundCounters()
         if self.rt.network is None:
             return counters
-        for origin, groups, latency in self.rt.network.receive_rollouts():
+        for origin, groups, latency, msg_id in self.rt.network.receive_rollouts():
             counters.latencies.append(latency)
+            received_at = time.time()
             for group in groups:
                 counters.received += 1
-                result = self.rt.intake.process(group)
-                if result.reason is IntakeReason.ACCEPTED and not self.pool.add(result.scored):
-                    result = IntakeResult(IntakeReason.DUPLICATE)
-                if result.reason is IntakeReason.ACCEPTED:
-                    counters.accepted += 1
-                    continue
-                counters.rejected[result.reason.value] += 1
-                counters.rejected_sources[origin] += 1
-                if result.reason.reported_to_network:
-                    self.rt.network.report(origin, result.reason.value)
-                    self.rt.events.emit("rejected", f"group from {origin[:16]}: {result.reason}", peer=origin)
+                refused = self.rt.intake.precheck(group)
+                if refused is None:
+                    dropped = self.pool.offer(group, origin, received_at, msg_id)
+                    refused = None if dropped is None else IntakeResult(dropped)
+                if refused is not None:
+                    self._count_rejection(counters, origin, refused, msg_id)
+        wanted = self.cfg.sampler.external_groups
+        if wanted > 0:
+            wanted += self.pool.limits.lookahead
+        report = self.pool.verify_for_use(self.rt.intake.process, wanted, self.intake_rng)
+        counters.verified = report.attempted
+        counters.verify_stopped_by = report.stopped_by
+        for candidate, result in report.outcomes:
+            if result.reason is IntakeReason.ACCEPTED:
+                counters.accepted += 1
+            else:
+                self._count_rejection(counters, candidate.origin, result, candidate.msg_id)
+        counters.skipped = self.pool.skipped - self._skipped_so_far
+        self._skipped_so_far = Counter(self.pool.skipped)
+        counters.candidates = self.pool.candidate_count
         return counters
+
+    def _count_rejection(
+        self, counters: RoundCounters, origin: str, result: IntakeResult, msg_id: str = ""
+    ) -> None:
+        assert self.rt.network is not None
+        counters.rejected[result.reason.value] += 1
+        counters.rejected_sources[origin] += 1
+        if not result.reason.reported_to_network:
+            return
+        # Penalized verdicts come from verification (a few per round) and are all reported; the
+        # unpenalized ones (task_unknown, dataset_refused) may hit every received group, so the host
+        # hears of each at most once per sender and round.
+        first = (origin, result.reason.value) not in counters.reported
+        if result.reason.penalized or first:
+            counters.reported.add((origin, result.reason.value))
+            self.rt.network.report(origin, result.reason.value, msg_id)
+        if first:
+            self.rt.events.emit("rejected", f"group from {origin[:16]}: {result.reason}", peer=origin)
 
     def run_round(self, round_index: int) -> dict[str, Any]:
         cfg, rt = self.cfg, self.rt
@@ -152,7 +205,9 @@ class Node:
         train_stats = rt.trainer.step(local + external) if local or external else {}
         # The trainer's reward and zero-std figures cover the whole batch (local + external);
         # the round's headline figures below are the node's own rollouts.
-        train_stats = {f"batch_{k}" if k in ("reward_mean", "frac_zero_std") else k: v for k, v in train_stats.items()}
+        train_stats = {
+            f"batch_{k}" if k in ("reward_mean", "frac_zero_std") else k: v for k, v in train_stats.items()
+        }
         rt.backend.sync_weights()
         ext_rewards = [r for s in external for r in s.rewards]
         metrics: dict[str, Any] = {
@@ -166,6 +221,7 @@ class Node:
             "received": intake.received,
             "accepted": intake.accepted,
             "rejected_by_reason": dict(intake.rejected),
+            **intake.intake_metrics(),
             "gossip_latency_s": intake.latencies,
             "pool_size": len(self.pool),
             "used_local": len(local),

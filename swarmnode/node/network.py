@@ -69,8 +69,10 @@ class SwarmNetwork:
         payload = wire.encode_heartbeat(beat)
         return self.client.publish(wire.Kind.HEARTBEAT, wire.seal(self.identity, wire.Kind.HEARTBEAT, payload))
 
-    def receive_rollouts(self) -> Iterator[tuple[str, list[RolloutGroup], float]]:
-        """(sender, groups, gossip latency in s) for each batch that arrived; heartbeats go to the view."""
+    def receive_rollouts(self) -> Iterator[tuple[str, list[RolloutGroup], float, str]]:
+        """(author, groups, gossip latency in s, message id) for each batch that arrived; heartbeats go
+        to the view. The message id lets a later verdict on a group blame the connection that
+        delivered it (``report(..., msg_id=...)``)."""
         for item in self.client.drain(self.cfg.p2p.receive_queue):
             try:
                 message = wire.decode_message(wire.open_envelope(item.data, self.caps), self.caps)
@@ -83,10 +85,12 @@ class SwarmNetwork:
                 self.view.observe(message, item.origin, item.received_at)
                 continue
             batch = message
-            yield item.origin, batch.groups, max(0.0, item.received_at - batch.created_at)
+            yield item.origin, batch.groups, max(0.0, item.received_at - batch.created_at), item.msg_id
 
-    def report(self, peer_id: str, reason: str) -> None:
-        self.client.report(peer_id, reason)
+    def report(self, peer_id: str, reason: str, msg_id: str = "") -> None:
+        """Tell the host a group from ``peer_id`` failed the node's own checks; with the message id
+        the host also blames the exact connection that forwarded it."""
+        self.client.report(peer_id, reason, msg_id=msg_id)
 
     def status(self) -> P2PStatus:
         return self.client.status()

@@ -203,6 +203,37 @@ def check_listen_ports(cfg: NodeConfig) -> list[CheckResult]:
     return results
 
 
+def check_admin_exposure(cfg: NodeConfig) -> CheckResult:
+    """Who can reach the admin API and /metrics. The config already refused an exposed admin API
+    without a token (at load, before anything starts); this says what was chosen."""
+    from swarmnode.admin.addresses import is_loopback, split_host_port
+
+    name = "admin exposure"
+    admin_host, _ = split_host_port(cfg.admin.listen, "admin.listen")
+    metrics = cfg.admin.metrics_listen
+    metrics_host = split_host_port(metrics, "admin.metrics_listen")[0] if metrics else None
+    exposed = [
+        a for a, h in ((cfg.admin.listen, admin_host), (metrics, metrics_host)) if h and not is_loopback(h)
+    ]
+    if metrics and metrics_host and not is_loopback(metrics_host) and cfg.admin.metrics_public:
+        return _warn(
+            name,
+            f"/metrics on {metrics} is served without a token (admin.metrics_public = true): "
+            "restrict that port with a firewall or the container's port mapping",
+        )
+    advertise = cfg.admin.advertise_host
+    if advertise and not is_loopback(advertise) and is_loopback(admin_host):
+        return _warn(
+            name,
+            f"admin.advertise_host = {advertise!r} but admin.listen = {cfg.admin.listen!r} is loopback: "
+            "other hosts cannot reach what this node advertises; listen on an address they reach "
+            "(with admin.token)",
+        )
+    if exposed:
+        return _ok(name, f"{', '.join(exposed)} reachable from other machines; calls need the admin token")
+    return _ok(name, "admin API and /metrics on loopback only")
+
+
 def _tcp_reachable(host: str, port: int, timeout: float) -> str | None:
     """None when a TCP connection opens within ``timeout``, else the reason."""
     try:
@@ -283,6 +314,7 @@ def run_preflight(cfg: NodeConfig, hw: Hardware) -> list[CheckResult]:
     results = [check_data_dir(cfg.data_dir), check_key_file(cfg.key_path), check_runtime(cfg, hw)]
     results.append(check_model(cfg.model.path))
     results.extend(check_listen_ports(cfg))
+    results.append(check_admin_exposure(cfg))
     results.append(check_disk_space(cfg.data_dir, cfg.model.path))
     results.append(check_bootstrap(cfg))
     return results

@@ -26,9 +26,10 @@ from rich.console import Console
 from swarmnode import __version__
 from swarmnode.admin.metrics import NodeMetrics
 from swarmnode.admin.source import EventLog, NetworkNode, NodeStatus, PeerInfo
-from swarmnode.config import NodeConfig
+from swarmnode.config import AdminConfig, NodeConfig, without_secrets
 
 if TYPE_CHECKING:
+    from swarmnode.admin.metrics import MetricsServer
     from swarmnode.node.loop import Node
     from swarmnode.node.network import SwarmNetwork
 
@@ -68,7 +69,7 @@ class NodeRuntime:
     @functools.cached_property
     def config_digest(self) -> str:
         """Short digest of the resolved config, to compare nodes at a glance."""
-        return hashlib.sha256(self.cfg.to_toml().encode()).hexdigest()[:12]
+        return hashlib.sha256(without_secrets(self.cfg).to_toml().encode()).hexdigest()[:12]
 
     # -- checkpoints ---------------------------------------------------------------------------
     @property
@@ -103,7 +104,13 @@ class NodeRuntime:
     def evaluate(self) -> float:
         from swarmnode.policy.evaluate import greedy_accuracy
 
-        return greedy_accuracy(self.policy, self.backend, self.registry, self.cfg.tasks.eval_size)
+        return greedy_accuracy(
+            self.policy,
+            self.backend,
+            self.registry,
+            self.cfg.tasks.eval_size,
+            max_new_tokens=self.cfg.grpo.max_completion_length,
+        )
 
     # -- around each round ---------------------------------------------------------------------
     def announce_start(self, start_round: int) -> None:
@@ -121,13 +128,17 @@ class NodeRuntime:
         if self.network is None or wanted == 0:
             return
         deadline = time.monotonic() + self.cfg.p2p.start_wait_s
-        with self.console.status(f"waiting for {wanted} peer(s) (at most {self.cfg.p2p.start_wait_s:.0f} s)..."):
+        with self.console.status(
+            f"waiting for {wanted} peer(s) (at most {self.cfg.p2p.start_wait_s:.0f} s)..."
+        ):
             while time.monotonic() < deadline and not should_stop():
                 if len(self.network.status().peers) >= wanted:
                     self.console.print(f"{len(self.network.status().peers)} peer(s) connected")
                     return
                 time.sleep(0.2)
-        self.console.print(f"[yellow]fewer than {wanted} peer(s) after {self.cfg.p2p.start_wait_s:.0f} s; starting anyway[/]")
+        self.console.print(
+            f"[yellow]fewer than {wanted} peer(s) after {self.cfg.p2p.start_wait_s:.0f} s; starting anyway[/]"
+        )
 
     def after_round(self, node: Node, metrics: dict[str, Any]) -> None:
         self.round = node.round
@@ -144,8 +155,14 @@ class NodeRuntime:
         from swarmnode.admin.network_view import heartbeat_from_status
 
         assert self.network is not None
-        beat = heartbeat_from_status(RuntimeAdminSource(self).status(), self.counters(),
-                                     self.network.heartbeat_sequence.next())
+        admin_address, metrics_address = advertised_addresses(self)
+        beat = heartbeat_from_status(
+            RuntimeAdminSource(self).status(),
+            self.counters(),
+            self.network.heartbeat_sequence.next(),
+            admin_address=admin_address,
+            metrics_address=metrics_address,
+        )
         self.network.publish_heartbeat(beat)
 
     def counters(self) -> dict[str, int]:
@@ -189,6 +206,8 @@ class NodeRuntime:
     def close(self) -> None:
         from swarmnode.admin.discovery import remove_discovery_file
 
+        if self.intake is not None:
+            self.intake.close()  # the scoring worker process
         if self.network is not None:
             self.network.close()
         if self.admin is not None:
@@ -247,7 +266,7 @@ class RuntimeAdminSource:
                 score=p.score,
             )
             for p in p2p.peers
-        ]
+        ] + banned_peers(p2p)
 
     def network(self) -> list[NetworkNode]:
         rt = self.rt
@@ -256,6 +275,18 @@ class RuntimeAdminSource:
     def events_since(self, cursor: int):  # noqa: ANN201 - AdminSource signature
         rt = self.rt
         return rt.events.events_since(cursor)
+
+
+def banned_peers(p2p: Any) -> list[PeerInfo]:
+    """The p2p snapshot's banned peers as `PeerInfo` rows (`banned=True`) with the reason and the
+    time the ban ends (`P2PStatus.banned_peers`); bare peer ids (`P2PStatus.banned`) when a host
+    reports no records."""
+    records = getattr(p2p, "banned_peers", ()) or ()
+    if records:
+        return [
+            PeerInfo(b.peer_id, [], 0.0, 0, 0, 0, 0, {}, 0.0, True, b.reason, b.expires_at) for b in records
+        ]
+    return [PeerInfo(peer, [], 0.0, 0, 0, 0, 0, {}, 0.0, True) for peer in getattr(p2p, "banned", ()) or ()]
 
 
 def round_summary(m: dict[str, Any]) -> str:
@@ -285,20 +316,22 @@ def build_runtime(cfg: NodeConfig, console: Console | None = None) -> NodeRuntim
 
     transformers.utils.logging.disable_progress_bar()  # our own status lines say what is loading
     from swarmnode.identity import Identity, IdentityLock
-    from swarmnode.policy.hardware import choose_runtime, detect_hardware
+    from swarmnode.policy.hardware import choose_runtime, detect_hardware, limit_gpu_memory
     from swarmnode.policy.loading import load_policy
     from swarmnode.rl.external import ExternalIntake
     from swarmnode.rl.grpo import GRPOTrainer
     from swarmnode.tasks.registry import TaskRegistry
+    from swarmnode.tasks.verify import completion_char_budget
 
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.data_dir / "config.resolved.toml").write_text(cfg.to_toml())
-    console.print(f"resolved config written to {cfg.data_dir / 'config.resolved.toml'}")
+    resolved = write_resolved_config(cfg)
+    console.print(f"resolved config written to {resolved}")
 
     identity = Identity.load_or_create(cfg.key_path)
     lock = IdentityLock(cfg.key_path).acquire()
     try:
         choice = choose_runtime(detect_hardware(), cfg)
+        limit_gpu_memory(choice)  # a node sharing a GPU stays within its gpu_memory_fraction
         torch.set_num_threads(choice.threads)
         seed_everything(cfg.seed)
         console.print(
@@ -308,7 +341,7 @@ def build_runtime(cfg: NodeConfig, console: Console | None = None) -> NodeRuntim
             policy = load_policy(cfg.model.model_copy(update={"dtype": choice.dtype}), choice.device)
         backend = make_backend(policy, cfg, choice.backend)
         with console.status(f"preparing tasks '{cfg.tasks.preset}' ..."):
-            registry = TaskRegistry(cfg.tasks.preset, cfg.tasks.partial_credit, cfg.tasks.eval_size)
+            registry = TaskRegistry.from_config(cfg.tasks)
         ref_model = None
         if cfg.grpo.beta > 0:
             ref_model = load_policy(
@@ -317,11 +350,18 @@ def build_runtime(cfg: NodeConfig, console: Console | None = None) -> NodeRuntim
         trainer = GRPOTrainer(
             policy.model, cfg.grpo, policy.pad_token_id, ref_model=ref_model, device=choice.device
         )
+        registry.max_completion_chars = completion_char_budget(cfg.grpo.max_completion_length)
+        worker = (
+            start_scoring_worker(registry, console, cfg.sampler.external_groups > 0)
+            if cfg.p2p.enabled
+            else None
+        )
         intake = ExternalIntake(
             registry,
             policy.encode_prompt,
             policy.encode_completion,
             max_completion_tokens=4 * cfg.grpo.max_completion_length,
+            worker=worker,
         )
         rt = NodeRuntime(
             cfg=cfg,
@@ -357,11 +397,46 @@ def build_runtime(cfg: NodeConfig, console: Console | None = None) -> NodeRuntim
         raise
 
 
+def write_resolved_config(cfg: NodeConfig) -> Path:
+    """DATA_DIR/config.resolved.toml, to reproduce the run: secrets redacted, mode 0600, written
+    atomically (an older 0644 copy is replaced, not rewritten in place)."""
+    path = cfg.data_dir / "config.resolved.toml"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(without_secrets(cfg).to_toml())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return path
+
+
+def start_scoring_worker(registry: Any, console: Console, start_now: bool = True) -> Any:
+    """The isolated process that scores peers' text (tasks.worker); says which datasets it refuses.
+    With `start_now` False (a node that takes no external groups) it starts on first use."""
+    from swarmnode.tasks.worker import ScoringWorker
+
+    refused = registry.refused_for_foreign_text()
+    if refused:
+        console.print(
+            f"[yellow]peers' groups of {', '.join(refused)} are refused[/]: their reasoning-gym scorers "
+            "are not safe on foreign text (see docs/SCORING_SAFETY.md); this node still trains on its own"
+        )
+    worker = ScoringWorker(registry.rebuild_args())
+    if start_now:
+        with console.status("starting the scoring worker for peers' completions ..."):
+            worker.start()
+    return worker
+
+
 def make_backend(policy: Any, cfg: NodeConfig, backend: str) -> Any:
     if backend == "vllm":
+        from swarmnode.policy.hardware import vllm_memory_utilization
         from swarmnode.policy.vllm_backend import VLLMBackend
 
-        return VLLMBackend(policy, gpu_memory_utilization=cfg.model.gpu_memory_utilization, seed=cfg.seed)
+        return VLLMBackend(policy, gpu_memory_utilization=vllm_memory_utilization(cfg), seed=cfg.seed)
     from swarmnode.policy.transformers_backend import TransformersBackend
 
     return TransformersBackend(policy)
@@ -371,9 +446,10 @@ def start_admin(rt: NodeRuntime) -> None:
     from swarmnode.admin.discovery import write_discovery_file
     from swarmnode.admin.service import AdminServer
 
-    rt.admin = AdminServer(RuntimeAdminSource(rt), rt.cfg.admin).start()
-    if rt.cfg.admin.metrics_listen:
-        rt.metrics_server = rt.metrics.serve(rt.cfg.admin.metrics_listen)
+    admin_cfg = rt.cfg.admin
+    rt.admin = AdminServer(RuntimeAdminSource(rt), admin_cfg).start()
+    if admin_cfg.metrics_listen:
+        rt.metrics_server = serve_metrics(rt.metrics, admin_cfg)
     write_discovery_file(
         rt.cfg.data_dir,
         rt.admin.address,
@@ -384,6 +460,41 @@ def start_admin(rt: NodeRuntime) -> None:
         f"admin API on {rt.admin.address}"
         + (f", metrics on {rt.metrics_server.url}" if rt.metrics_server else "")
     )
+
+
+def serve_metrics(metrics: NodeMetrics, admin_cfg: AdminConfig) -> MetricsServer:
+    """/metrics on admin.metrics_listen: open on loopback; elsewhere behind the admin token unless
+    admin.metrics_public, which the node announces as a warning (see swarmnode.admin.metrics)."""
+    from swarmnode.admin.addresses import is_loopback, split_host_port
+
+    assert admin_cfg.metrics_listen is not None
+    host, _ = split_host_port(admin_cfg.metrics_listen, what="admin.metrics_listen")
+    public = not is_loopback(host)
+    token = admin_cfg.token if public and not admin_cfg.metrics_public else None
+    server = metrics.serve(admin_cfg.metrics_listen, token=token)
+    if public and token is None:
+        warning = (
+            f"/metrics on {server.address} is served without a token to anyone who can reach it "
+            "(admin.metrics_public = true): restrict that port with a firewall or container port mapping"
+        )
+        log.warning(warning)  # the CLI's logging prints warnings on stderr; log collectors keep it
+    return server
+
+
+def advertised_addresses(rt: NodeRuntime) -> tuple[str, str]:
+    """(admin, metrics) HOST:PORT this node advertises in heartbeats: admin.advertise_host with the
+    bound ports, or nothing when advertise_host is unset (the default: nothing is announced)."""
+    host = rt.cfg.admin.advertise_host
+    if host is None:
+        return "", ""
+    from swarmnode.admin.addresses import join_host_port, split_host_port
+
+    def on_host(address: str, what: str) -> str:
+        return join_host_port(host, split_host_port(address, what)[1]) if address else ""
+
+    admin = on_host(rt.admin.address if rt.admin else "", "admin address")
+    metrics = on_host(rt.metrics_server.address if rt.metrics_server else "", "metrics address")
+    return admin, metrics
 
 
 def stderr_console() -> Console:

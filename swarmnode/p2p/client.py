@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "p2p.sock"
 HOST_LOG_NAME = "p2p-host.log"
 HOST_CONFIG_NAME = "p2p-host.json"
+BAN_FILE_NAME = "p2p-bans.json"  # the host's bans, kept across host restarts
+# One forwarding connection may hold at most this fraction of the receive queue, so a flood over
+# one connection (e.g. sybil identities) cannot crowd out what honest peers deliver.
+FORWARDER_QUEUE_SHARE = 0.25
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 STABLE_AFTER_S = 30.0  # a host that ran this long resets the restart backoff
 MAX_SOCKET_PATH = 100  # bytes; the kernel's limit for a Unix socket path is 108
@@ -53,9 +57,10 @@ class Received:
 
     kind: str
     data: bytes  # the signed envelope, as published
-    origin: str  # authenticated libp2p peer id of the publisher
+    origin: str  # the envelope's author: the peer id of its verified signer
     msg_id: str  # hex content-addressed message id
     received_at: float  # wall-clock time the host accepted it
+    forwarder: str = ""  # the connected peer that delivered it
 
 
 def _kind_name(kind: enum.Enum | str) -> str:
@@ -82,7 +87,15 @@ class P2PClient:
         self._python = python
         self._outbox: queue.Queue[Frame] = queue.Queue(maxsize=publish_queue)
         self._inbox: queue.Queue[Received] = queue.Queue(maxsize=cfg.receive_queue)
-        self._drops = {"node_publish_queue_full": 0, "node_receive_queue_full": 0, "ipc_send_failed": 0}
+        self._inbox_by_forwarder: dict[str, int] = {}  # items in the inbox per forwarder (reader/drain)
+        self._inbox_lock = threading.Lock()
+        self._forwarder_share = max(1, int(cfg.receive_queue * FORWARDER_QUEUE_SHARE))
+        self._drops = {
+            "node_publish_queue_full": 0,
+            "node_receive_queue_full": 0,
+            "node_receive_forwarder_share": 0,
+            "ipc_send_failed": 0,
+        }
         self._drops_lock = threading.Lock()
         self._snapshot: dict = {}
         self._restarts = 0
@@ -173,9 +186,15 @@ class P2PClient:
         """Queue a signed envelope for publishing; False (and a counted drop) if the queue is full."""
         return self._enqueue(Publish(kind=_kind_name(kind), data=envelope, queued_at=time.time()))
 
-    def report(self, peer_id: str, reason: enum.Enum | str) -> bool:
-        """Tell the host a peer sent something the node rejected after its own checks."""
-        return self._enqueue(Report(peer_id=peer_id, reason=_kind_name(reason)))
+    def report(self, peer_id: str, reason: enum.Enum | str, msg_id: str = "") -> bool:
+        """Tell the host an author sent something the node rejected after its own checks.
+
+        With the message's ``msg_id`` (``Received.msg_id``) the host also penalizes the peer that
+        forwarded it (a fraction of the penalty), which is what stops sybil authors behind one
+        connection.
+        """
+        reason_text = reason.value if isinstance(reason, enum.Enum) else str(reason)
+        return self._enqueue(Report(peer_id=peer_id, reason=reason_text, msg_id=msg_id))
 
     def drain(self, max_items: int = 1 << 30, timeout: float = 0.0) -> list[Received]:
         """Take up to ``max_items`` received messages.
@@ -195,6 +214,13 @@ class P2PClient:
                 items.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
+        with self._inbox_lock:
+            for item in items:
+                left = self._inbox_by_forwarder.get(item.forwarder, 0) - 1
+                if left > 0:
+                    self._inbox_by_forwarder[item.forwarder] = left
+                else:
+                    self._inbox_by_forwarder.pop(item.forwarder, None)
         return items
 
     def status(self) -> P2PStatus:
@@ -228,6 +254,7 @@ class P2PClient:
             "--config", str(self.run_dir / HOST_CONFIG_NAME),
             "--key", str(self.key_path),
             "--ipc", str(self.socket_path),
+            "--ban-file", str(self.run_dir / BAN_FILE_NAME),
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         with open(self.run_dir / HOST_LOG_NAME, "ab") as log_file:
@@ -244,7 +271,9 @@ class P2PClient:
             if time.monotonic() - started > STABLE_AFTER_S:
                 attempt = 0
             delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
-            log.warning("p2p host pid %d exited with %s; restarting in %.1f s", proc.pid, proc.returncode, delay)
+            log.warning(
+                "p2p host pid %d exited with %s; restarting in %.1f s", proc.pid, proc.returncode, delay
+            )
             if self._stopping.wait(delay):
                 return
             self._restarts += 1
@@ -290,11 +319,20 @@ class P2PClient:
 
     def _on_frame(self, frame: Frame) -> None:
         if isinstance(frame, Deliver):
-            item = Received(frame.kind, frame.data, frame.origin, frame.msg_id, frame.received_at)
-            try:
-                self._inbox.put_nowait(item)
-            except queue.Full:
-                self._count_drop("node_receive_queue_full")
+            item = Received(
+                frame.kind, frame.data, frame.origin, frame.msg_id, frame.received_at, frame.forwarder
+            )
+            with self._inbox_lock:
+                held = self._inbox_by_forwarder.get(item.forwarder, 0)
+                if item.forwarder and held >= self._forwarder_share:
+                    self._count_drop("node_receive_forwarder_share")
+                    return
+                try:
+                    self._inbox.put_nowait(item)
+                except queue.Full:
+                    self._count_drop("node_receive_queue_full")
+                    return
+                self._inbox_by_forwarder[item.forwarder] = held + 1
         elif isinstance(frame, Snapshot):
             self._snapshot = frame.status
 

@@ -2,7 +2,8 @@
 
 It runs the real network side (P2PClient -> supervised libp2p host), publishes signed rollout
 batches of a given size at a given rate, drains what arrives, and writes JSON lines:
-``ready`` (peer id, addresses), ``sent`` (sequence, message id, time), ``recv`` (origin, sequence,
+``ready`` (peer id, addresses), ``peers`` (connected and mesh peers, while waiting for
+``--start-when``), ``sent`` (sequence, message id, time), ``recv`` (origin, sequence,
 message id, latency), ``attack`` (adversary mode: what was sent) and a final ``status``.
 
     python -m swarmnode.p2p.gossip_node --key K --run-dir D --listen /ip4/127.0.0.1/tcp/4001 \\
@@ -51,6 +52,7 @@ COMPLETIONS_PER_GROUP = 8
 MAX_COMPLETION_CHARS = 8000
 ATTACK_AFTER_SENDS = 2  # let the mesh settle so every neighbour sees every attack
 STOP_CHECK_S = 0.1  # longest wait in the loop, so SIGTERM/SIGINT stop it promptly
+START_WAIT_S = 180.0  # longest wait for --start-when
 ATTACKS = ("forged_signature", "tampered_payload", "oversize", "replay", "garbage")
 
 
@@ -72,7 +74,8 @@ class BatchMaker:
         count = max(COMPLETIONS_PER_GROUP, -(-chars // MAX_COMPLETION_CHARS))
         per_completion = max(1, chars // count)
         completions = tuple(
-            "".join(self.rng.choices(string.ascii_letters + string.digits, k=per_completion)) for _ in range(count)
+            "".join(self.rng.choices(string.ascii_letters + string.digits, k=per_completion))
+            for _ in range(count)
         )
         group = RolloutGroup(
             task=BENCH_TASK,
@@ -95,7 +98,9 @@ class BatchMaker:
         return seal(self.identity, Kind.ROLLOUT_BATCH, self.batch(sequence, chars), max_message_bytes=1 << 30)
 
 
-def craft_attack(name: str, maker: BatchMaker, last_sequence: int, rng: random.Random) -> bytes:
+def craft_attack(
+    name: str, maker: BatchMaker, last_sequence: int, rng: random.Random, max_message_bytes: int = 1_000_000
+) -> bytes:
     """One crafted bad message; ``last_sequence`` is a sequence number this node already used."""
     if name == "forged_signature":  # claims to be signed by another peer's key, which never signed it
         env = wire_pb2.Envelope.FromString(maker.payload(last_sequence + 1))
@@ -107,9 +112,9 @@ def craft_attack(name: str, maker: BatchMaker, last_sequence: int, rng: random.R
         body[len(body) // 2] ^= 0x01
         env.payload = bytes(body)
         return env.SerializeToString()
-    if name == "oversize":  # over the 1,000,000-byte cap, under libp2p's own limit
+    if name == "oversize":  # over the message cap (peers share this node's config), under libp2p's limit
         env = wire_pb2.Envelope.FromString(maker.payload(last_sequence + 3))
-        env.payload = env.payload + rng.randbytes(1_010_000 - len(env.payload))
+        env.payload = env.payload + rng.randbytes(max_message_bytes + 10_000 - len(env.payload))
         return env.SerializeToString()
     if name == "replay":  # a fresh, validly signed batch reusing an old sequence number
         return seal(maker.identity, Kind.ROLLOUT_BATCH, maker.batch(last_sequence, created_at=time.time()))
@@ -130,7 +135,8 @@ class JsonLines:
 def record_received(items: list[Received], caps: WireCaps, log: JsonLines) -> None:
     drained_at = time.time()
     for item in items:
-        fields: dict[str, Any] = {"origin": item.origin, "msg_id": item.msg_id, "kind": item.kind,
+        fields: dict[str, Any] = {"origin": item.origin, "forwarder": item.forwarder, "msg_id": item.msg_id,
+                                  "kind": item.kind,
                                   "bytes": len(item.data), "received_at": item.received_at}  # fmt: skip
         try:
             env = open_envelope(item.data, caps)
@@ -140,6 +146,30 @@ def record_received(items: list[Received], caps: WireCaps, log: JsonLines) -> No
         except WireError as exc:  # the host accepted it, so this would be a pipeline gap
             fields["decode_error"] = str(exc)
         log.write("recv", **fields)
+
+
+def wait_for_start_file(
+    path: Path,
+    client: P2PClient,
+    log: JsonLines,
+    should_stop: Callable[[], bool],
+    timeout: float = START_WAIT_S,
+) -> None:
+    """Until ``path`` exists, receive and write a ``peers`` event each time the connected or mesh set changes.
+
+    Tests start publishing on an event (every node saw its peers), not on a guessed warm-up time.
+    """
+    deadline = time.monotonic() + timeout
+    last: tuple[list[str], list[str]] | None = None
+    while not path.exists():
+        if should_stop() or time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear within {timeout:.0f} s; not publishing")
+        status = client.status()
+        now = (sorted(p.peer_id for p in status.peers), sorted(p.peer_id for p in status.peers if p.in_mesh))
+        if now != last:
+            log.write("peers", connected=now[0], mesh=now[1])
+            last = now
+        time.sleep(STOP_CHECK_S)
 
 
 def run(args: argparse.Namespace, log: JsonLines, should_stop: Callable[[], bool]) -> None:
@@ -158,21 +188,27 @@ def run(args: argparse.Namespace, log: JsonLines, should_stop: Callable[[], bool
                       pid=os.getpid(), host_pid=client.host_pid)  # fmt: skip
             maker = BatchMaker(identity, args.payload_bytes, seed=args.seed)
             rng = random.Random(args.seed)
+            if args.start_when is not None:
+                wait_for_start_file(args.start_when, client, log, should_stop)
             start = args.start_at or time.time()
             end = start + args.duration
             next_send, sequence, sent = start, 0, 0
             attacks = list(ATTACKS) if args.adversary else []
             while not should_stop() and time.time() < end + args.linger:
                 now = time.time()
+                if args.stop_when is not None and now < end and args.stop_when.exists():
+                    end = now  # stop publishing; keep receiving for the linger time
                 if now >= next_send and now < end:
                     sequence = max(sequence + 1, int(now * 1000))
                     data = maker.payload(sequence)
                     ok = client.publish(Kind.ROLLOUT_BATCH, data)
-                    log.write("sent", sequence=sequence, msg_id=message_id(data).hex(), bytes=len(data), queued=ok)
+                    log.write(
+                        "sent", sequence=sequence, msg_id=message_id(data).hex(), bytes=len(data), queued=ok
+                    )
                     sent += 1
                     if attacks and sent > ATTACK_AFTER_SENDS:
                         name = attacks.pop(0)
-                        bad = craft_attack(name, maker, sequence, rng)
+                        bad = craft_attack(name, maker, sequence, rng, cfg.max_message_bytes)
                         client.publish(Kind.ROLLOUT_BATCH, bad)
                         log.write("attack", name=name, msg_id=message_id(bad).hex(), bytes=len(bad))
                     next_send = max(next_send + 1.0 / args.rate, now)  # a late start does not burst
@@ -197,10 +233,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=1.0, help="batches per second")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of publishing")
     parser.add_argument("--start-at", type=float, default=0.0, help="Unix time to start publishing (0 = now)")
-    parser.add_argument("--linger", type=float, default=3.0, help="seconds to keep receiving after the last send")
-    parser.add_argument("--set", action="append", default=[], help="P2PConfig override KEY=VALUE (repeatable)")
+    parser.add_argument(
+        "--stop-when", type=Path, default=None, help="stop publishing once this file exists (then linger)"
+    )
+    parser.add_argument(
+        "--start-when",
+        type=Path,
+        default=None,
+        help="start publishing once this file exists (writes peers events)",
+    )
+    parser.add_argument(
+        "--linger", type=float, default=3.0, help="seconds to keep receiving after the last send"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], help="P2PConfig override KEY=VALUE (repeatable)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--adversary", action="store_true", help="also publish one of each crafted bad message")
+    parser.add_argument(
+        "--adversary", action="store_true", help="also publish one of each crafted bad message"
+    )
     parser.add_argument("--out", type=Path, required=True, help="JSON lines output")
     args = parser.parse_args(argv)
     if not args.listen:

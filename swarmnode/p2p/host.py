@@ -7,8 +7,13 @@ socket closes. Everything here runs in one trio event loop:
 - settings per docs/LIBP2P.md: Noise only, Yamux, /meshsub/1.1.0 only, small degree, 1 s heartbeat,
   adaptive gossip and the built-in spam limiter off, strict signing, content-addressed message ids;
 - every received message passes the ordered :class:`ValidationPipeline` as a topic validator
-  (wrapped so no exception can kill the host); rejected messages are not forwarded and their
-  sender is penalized, banned peers are disconnected and not redialed until the ban expires;
+  (wrapped so no exception can kill the host), called by the libp2p peer that delivered it (the
+  forwarder); rejected messages are not forwarded and the blamed peers (forwarder, author) are
+  penalized; banned peers are disconnected, refused at the dial path (Kademlia included) and not
+  redialed until the ban expires; bans are saved to a file so a restarted host keeps them;
+- py-libp2p's validation cache is bypassed (:class:`GuardedPubsub`): it keeps any verdict per
+  message id for 300 s, which let a state-dependent drop (rate, duplicate) censor a later valid
+  delivery and let replays skip our pipeline once the 120-180 s seen cache forgot them;
 - accepted messages are drained at once from the subscription into a bounded queue (drops
   counted) and forwarded to the node;
 - publishes wait while any peer's outbound queue holds 4 or more RPCs (the library drops silently
@@ -23,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
 import sys
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,13 +46,15 @@ from google.protobuf.message import DecodeError
 from libp2p import new_host
 from libp2p.abc import INetStream
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
-from libp2p.exceptions import ParseError
+from libp2p.exceptions import ParseError, ValidationError
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.validators import signature_validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
@@ -54,6 +63,8 @@ from swarmnode.config import P2PConfig
 from swarmnode.identity import Identity
 from swarmnode.p2p.discovery import PeerListExchange
 from swarmnode.p2p.ipc import (
+    SNAPSHOT_MAX_BANNED,
+    SNAPSHOT_MAX_PEERS,
     Deliver,
     FrameDecoder,
     IPCError,
@@ -64,6 +75,7 @@ from swarmnode.p2p.ipc import (
     encode_frame,
 )
 from swarmnode.p2p.pipeline import Reason, ValidationPipeline
+from swarmnode.p2p.scoring import BanRecord
 from swarmnode.wire import Kind, message_id
 
 log = logging.getLogger("swarmnode.p2p.host")
@@ -81,6 +93,10 @@ DIAL_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 PUBSUB_DEAD_AFTER_S = 5.0  # connected but without a pubsub stream this long: reconnect
 IPC_WRITE_QUEUE = 256
 PEER_EXCHANGE_INTERVAL_S = 2.0  # while below degree_high connections
+MAX_DIAL_STATES = 4096
+BAN_LOG_INTERVAL_S = 10.0  # at most one "banned" log line per interval; the rest are counted
+BAN_FILE_MAX_BYTES = 4 * 1024 * 1024
+BAN_SAVE_INTERVAL_S = 5.0  # a flood of bans rewrites the file at most this often (and once at exit)
 
 
 def content_message_id(msg: rpc_pb2.Message) -> bytes:
@@ -113,7 +129,8 @@ class DialState:
 
 
 class GuardedPubsub(Pubsub):
-    """Pubsub that survives two py-libp2p 0.8.1 failure modes, each of which took the host down.
+    """Pubsub that survives two py-libp2p 0.8.1 failure modes, each of which took the host down,
+    and that keeps message validity a function of the message id.
 
     - An unparseable RPC: protobuf's DecodeError escapes the stream reader (measured: a burst of
       large messages coalesced into an RPC over the 1 MiB read limit). Turned into a ParseError,
@@ -121,7 +138,45 @@ class GuardedPubsub(Pubsub):
     - Banning a peer (blacklist) races with the peer's own disconnect: the library's teardown
       does `del self.peers[peer_id]` after an await, and a KeyError there kills the host
       (measured in the adversarial test, about 1 run in 3).
+    - ``validate_msg`` runs the topic validators on every delivery and caches nothing. The library
+      cached each verdict per message id for 300 s: a drop that depends on state (rate, a banned
+      forwarder) then censored the same bytes from every other forwarder, and a cached "valid"
+      let a replay through unchecked once the seen cache (120-180 s) had forgotten the id. Our
+      pipeline keeps its own, longer windows and caches only verdicts decided by content.
+    - ``push_msg`` reports messages whose libp2p signature fails strict signing (the library drops
+      them silently) to ``on_bad_signature(forwarder)``.
     """
+
+    on_bad_signature: Callable[[ID], None] = staticmethod(lambda _forwarder: None)
+
+    async def validate_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        for topic_validator in self.get_msg_validators(msg):
+            # Our validators are all synchronous (set_topic_validator(..., is_async_validator=False)).
+            if not topic_validator.validator(msg_forwarder, msg):
+                raise ValidationError("message dropped by the validation pipeline")
+
+    async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        if self.strict_signing and not self._drops_before_signature(msg_forwarder, msg):
+            try:
+                signed = signature_validator(msg)
+            except Exception:
+                signed = False
+            if not signed:
+                with contextlib.suppress(Exception):  # counting must never fail the library's task
+                    self.on_bad_signature(msg_forwarder)
+                return
+        await super().push_msg(msg_forwarder, msg)
+
+    def _drops_before_signature(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        """The library's own checks that come before its signature check (blacklist, seen)."""
+        try:
+            return (
+                self.is_peer_blacklisted(msg_forwarder)
+                or self.is_peer_blacklisted(ID(msg.from_id))
+                or self._is_msg_seen(msg)
+            )
+        except Exception:
+            return False
 
     async def _teardown_if_connected(self, peer_id: ID) -> None:
         stream = self.peers.get(peer_id)
@@ -139,13 +194,48 @@ class GuardedPubsub(Pubsub):
             raise ParseError(f"unparseable pubsub RPC: {exc}") from exc
 
 
+class _LibraryDrops(logging.Filter):
+    """Turns py-libp2p's log-only drops into counter callbacks (the library exposes no hook for them).
+
+    Matched on the library's own message formats (0.8.1); an unmatched record passes untouched.
+    """
+
+    def __init__(self, on_drop: Callable[[str, str], None]) -> None:
+        super().__init__()
+        self.on_drop = on_drop
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = str(record.msg)
+            if msg.startswith("Inbound pubsub RPC from peer") and "exceeded size limit" in msg:
+                self.on_drop("libp2p_rpc_too_large", str(record.args[0]) if record.args else "")
+            elif msg.startswith("Received an invalid-signed-record"):
+                self.on_drop("libp2p_invalid_peer_record", "")
+        except Exception:  # an exception here would surface inside the library's read loop
+            pass
+        return True
+
+
+class _FirstLineOnly(logging.Filter):
+    """Keeps the first line of multi-line library log records (e.g. 'Failed to open stream')."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "\n" in message:
+            record.msg, record.args = message.splitlines()[0], None
+        return True
+
+
 class SwarmHost:
     """One libp2p host with its gossip topics, validation, discovery and the IPC link to the node."""
 
-    def __init__(self, cfg: P2PConfig, identity: Identity, ipc_path: Path) -> None:
+    def __init__(
+        self, cfg: P2PConfig, identity: Identity, ipc_path: Path, ban_file: Path | None = None
+    ) -> None:
         self.cfg = cfg
         self.identity = identity
         self.ipc_path = ipc_path
+        self.ban_file = ban_file
         self.pipeline = ValidationPipeline.from_config(cfg)
         self.host = new_host(
             key_pair=identity.key_pair,
@@ -170,21 +260,30 @@ class SwarmHost:
         self.pubsub = GuardedPubsub(
             self.host, self.gossipsub, strict_signing=True, msg_id_constructor=content_message_id
         )
+        self.pubsub.on_bad_signature = self._on_libp2p_bad_signature
         self.dht = KadDHT(self.host, DHTMode.SERVER, enable_random_walk=True)
-        self.peer_exchange = PeerListExchange(self.host)
+        self.peer_exchange = PeerListExchange(self.host, accept_peer=lambda peer: not self._is_banned(peer))
         self.next_peer_exchange = 0.0
         self.bootstraps = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in cfg.bootstrap]
-        # counters and state, all touched only from the trio thread
-        self.peers: dict[ID, PeerCounters] = {}
+        # counters and state, all touched only from the trio thread; every table is bounded
+        self.peers: dict[ID, PeerCounters] = {}  # connected peers only (pruned each maintenance tick)
         self.drops: dict[str, int] = defaultdict(int)
         self.totals = {"msgs_in": 0, "bytes_in": 0, "msgs_out": 0, "bytes_out": 0}
-        self.dial_state: dict[ID, DialState] = defaultdict(DialState)
+        self.dial_state: OrderedDict[ID, DialState] = OrderedDict()
         self.pubsub_missing_since: dict[ID, float] = {}
         self.silo = True
-        self._to_disconnect_tx, self._to_disconnect_rx = trio.open_memory_channel[ID](math.inf)
+        self._ban_logged_at = -math.inf
+        self._bans_unlogged = 0
+        self._bans_dirty = False
+        self._next_ban_save = 0.0
+        self._to_disconnect_tx, self._to_disconnect_rx = trio.open_memory_channel[ID](1024)
         self._publish_tx, self._publish_rx = trio.open_memory_channel[Publish](64)
         self._accepted_tx, self._accepted_rx = trio.open_memory_channel[Deliver](cfg.receive_queue)
         self._ipc_tx, self._ipc_rx = trio.open_memory_channel[bytes](IPC_WRITE_QUEUE)
+        self._guard_dials()
+        self._library_drops = _LibraryDrops(self._on_library_drop)
+        logging.getLogger("libp2p.pubsub.pubsub").addFilter(self._library_drops)
+        self.load_bans()
 
     # ----------------------------------------------------------------- validation (sync, never raises)
     def _validator(self, kind: str):  # noqa: ANN202 - libp2p's SyncValidatorFn
@@ -201,21 +300,56 @@ class SwarmHost:
         return validate
 
     def _validate(self, kind: str, forwarder: ID, msg: rpc_pb2.Message) -> bool:
-        verdict = self.pipeline.validate(Kind[kind], msg.data, ID(msg.from_id).to_base58())
+        verdict = self.pipeline.validate(Kind[kind], msg.data, forwarder.to_base58())
         counters = self._peer(forwarder)
         counters.msgs_in += 1
         counters.bytes_in += len(msg.data)
         self.totals["msgs_in"] += 1
         self.totals["bytes_in"] += len(msg.data)
-        if verdict.banned_now:
-            self._ban(ID(msg.from_id))
+        for peer in verdict.banned_now:
+            self._ban(peer, verdict.reason)
         return verdict.accepted
 
-    def _ban(self, peer: ID) -> None:
+    def _on_libp2p_bad_signature(self, forwarder: ID) -> None:
+        """py-libp2p strict signing dropped a message: count it and blame the connection that sent it."""
+        self.drops["libp2p_bad_signature"] += 1
+        for peer in self.pipeline.record_forwarder(forwarder.to_base58(), Reason.LIBP2P_BAD_SIGNATURE):
+            self._ban(peer, Reason.LIBP2P_BAD_SIGNATURE)
+
+    def _on_library_drop(self, place: str, peer: str) -> None:
+        self.drops[place] += 1
+        if place == "libp2p_rpc_too_large" and peer:
+            # Honest peers can coalesce large messages into one RPC: counted against the peer, no penalty.
+            self.pipeline.record_forwarder(peer, Reason.RPC_TOO_LARGE)
+
+    def _ban(self, peer: str, reason: Reason | str) -> None:
         """The pipeline banned ``peer``: stop taking its messages, disconnect it, don't redial it."""
-        self.pubsub.add_to_blacklist(peer)
-        self._to_disconnect_tx.send_nowait(peer)
-        log.warning("peer %s banned for %.0f s: disconnecting it", peer, self.cfg.ban_seconds)
+        try:
+            peer_id = ID.from_base58(peer)
+        except Exception:  # a node report may name anything; only real peer ids reach libp2p
+            return
+        self.pubsub.add_to_blacklist(peer_id)
+        self._disconnect(peer_id)
+        self._bans_dirty = True
+        now = time.monotonic()
+        if now - self._ban_logged_at >= BAN_LOG_INTERVAL_S:
+            more = (
+                f"; {self._bans_unlogged} more peer(s) banned since the last such line"
+                if self._bans_unlogged
+                else ""
+            )
+            log.warning(
+                "peer %s banned for %.0f s (%s): disconnected%s", peer, self.cfg.ban_seconds, reason, more
+            )
+            self._ban_logged_at, self._bans_unlogged = now, 0
+        else:
+            self._bans_unlogged += 1
+
+    def _disconnect(self, peer: ID) -> None:
+        try:
+            self._to_disconnect_tx.send_nowait(peer)
+        except trio.WouldBlock:
+            self.drops["disconnect_queue_full"] += 1  # maintenance cuts banned peers again within a second
 
     def _is_banned(self, peer: ID) -> bool:
         return self.pipeline.scores.is_banned(peer.to_base58())
@@ -224,6 +358,65 @@ class SwarmHost:
         if peer not in self.peers:
             self.peers[peer] = PeerCounters(connected_since=time.time())
         return self.peers[peer]
+
+    def _dial_state(self, peer: ID) -> DialState:
+        state = self.dial_state.get(peer)
+        if state is None:
+            state = self.dial_state[peer] = DialState()
+            while len(self.dial_state) > MAX_DIAL_STATES:
+                self.dial_state.popitem(last=False)
+        return state
+
+    def _guard_dials(self) -> None:
+        """Refuse dials to banned peers at the network, where Kademlia's and our own dials all pass."""
+        network = self.host.get_network()
+        dial_peer = network.dial_peer
+
+        async def guarded_dial_peer(peer_id: ID, *args: Any, **kwargs: Any) -> Any:
+            if self._is_banned(peer_id):
+                self.drops["dial_refused_banned"] += 1
+                raise SwarmException(f"not dialing {peer_id}: it is banned")
+            return await dial_peer(peer_id, *args, **kwargs)
+
+        network.dial_peer = guarded_dial_peer  # type: ignore[method-assign]
+
+    # ----------------------------------------------------------------- bans that survive a restart
+    def load_bans(self) -> int:
+        """Re-apply the bans a previous host saved; a missing or unreadable file means none."""
+        if self.ban_file is None or not self.ban_file.exists():
+            return 0
+        try:
+            if self.ban_file.stat().st_size > BAN_FILE_MAX_BYTES:
+                raise ValueError(f"over {BAN_FILE_MAX_BYTES} bytes")
+            entries = json.loads(self.ban_file.read_text())["bans"][: self.pipeline.scores.max_banned]
+            records = [
+                BanRecord(str(e["peer_id"]), str(e["reason"]), float(e["until"]), int(e["bans"]))
+                for e in entries
+            ]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring the ban file %s (%s); starting with no bans", self.ban_file, exc)
+            return 0
+        applied = self.pipeline.scores.import_bans(records)
+        for peer in self.pipeline.scores.banned():
+            with contextlib.suppress(Exception):
+                self.pubsub.blacklisted_peers.add(ID.from_base58(peer))
+        if applied:
+            log.info("re-applied %d ban(s) from %s", applied, self.ban_file)
+        return applied
+
+    def save_bans(self) -> None:
+        """Write the current bans (bounded by max_banned) atomically."""
+        if self.ban_file is None:
+            return
+        bans = [asdict(b) for b in self.pipeline.scores.ban_records()]
+        tmp = self.ban_file.with_name(self.ban_file.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps({"version": 1, "bans": bans}))
+            os.replace(tmp, self.ban_file)
+            self._bans_dirty = False
+        except OSError as exc:
+            self.drops["ban_file_write_failed"] += 1
+            log.warning("could not save bans to %s: %s", self.ban_file, exc)
 
     # ----------------------------------------------------------------- main
     async def run(self) -> None:
@@ -248,8 +441,13 @@ class SwarmHost:
             nursery.start_soon(self._maintain_loop)
             nursery.start_soon(self._disconnect_loop)
             nursery.start_soon(self._snapshot_loop)
-            await self._ipc_read_loop(ipc)  # returns on Shutdown or when the node goes away
-            nursery.cancel_scope.cancel()
+            try:
+                await self._ipc_read_loop(ipc)  # returns on Shutdown or when the node goes away
+            finally:
+                nursery.cancel_scope.cancel()
+                logging.getLogger("libp2p.pubsub.pubsub").removeFilter(self._library_drops)
+                if self._bans_dirty:
+                    self.save_bans()
 
     # ----------------------------------------------------------------- IPC
     async def _ipc_read_loop(self, ipc: trio.SocketStream) -> None:
@@ -278,12 +476,18 @@ class SwarmHost:
 
     def _on_report(self, report: Report) -> None:
         try:
-            peer, reason = ID.from_base58(report.peer_id), Reason(report.reason.lower())
+            reason = Reason(report.reason.lower())
+            msg_id = bytes.fromhex(report.msg_id) if report.msg_id else None
         except ValueError:
-            log.error("the node reported %r for peer %r: not a known peer id / reason", report.reason, report.peer_id)
+            self.drops["node_report_unknown"] += 1
+            log.error(
+                "the node reported %r (msg %r): not a known reason; update the host",
+                report.reason,
+                report.msg_id,
+            )
             return
-        if self.pipeline.report(report.peer_id, reason):
-            self._ban(peer)
+        for peer in self.pipeline.report(report.peer_id, reason, msg_id=msg_id):
+            self._ban(peer, reason)
 
     async def _ipc_write_loop(self, ipc: trio.SocketStream) -> None:
         async for data in self._ipc_rx:
@@ -292,16 +496,22 @@ class SwarmHost:
     # ----------------------------------------------------------------- receive
     async def _drain_subscription(self, kind: str, subscription: Any) -> None:
         """Empty the library's 32-message subscription buffer at once into our bounded queue."""
+        me = self.my_id.to_base58()
         while True:
             msg = await subscription.get()
             if msg.from_id == self.my_id.to_bytes():
                 continue  # our own publish, echoed back
+            msg_id = content_message_id(msg)
+            forwarder, author = self.pipeline.delivered_by.get(msg_id, ("", ""))
+            if author == me:
+                continue  # our own envelope, re-published by someone else
             item = Deliver(
                 kind=kind,
                 data=msg.data,
-                origin=ID(msg.from_id).to_base58(),
-                msg_id=content_message_id(msg).hex(),
+                origin=author or ID(msg.from_id).to_base58(),
+                msg_id=msg_id.hex(),
                 received_at=time.time(),
+                forwarder=forwarder,
             )
             try:
                 self._accepted_tx.send_nowait(item)
@@ -321,7 +531,9 @@ class SwarmHost:
     async def _publish_loop(self) -> None:
         async for item in self._publish_rx:
             if len(item.data) > LIBP2P_MAX_DATA:
-                log.warning("not publishing a %d-byte message: libp2p drops anything over ~1 MB", len(item.data))
+                log.warning(
+                    "not publishing a %d-byte message: libp2p drops anything over ~1 MB", len(item.data)
+                )
                 self.drops["publish_too_large"] += 1
                 continue
             if not await self._wait_for_peer_queues():
@@ -355,15 +567,27 @@ class SwarmHost:
                 log.exception("connection maintenance failed; retrying")
             await trio.sleep(MAINTAIN_INTERVAL_S)
 
+    def _sync_bans(self) -> None:
+        """End expired bans, mirror our ban table into libp2p's blacklist, save it when it changed."""
+        expired = self.pipeline.scores.ban_expired()
+        if expired:
+            self._bans_dirty = True
+            log.info("%d ban(s) ended (first: %s); those peers may reconnect", len(expired), expired[0])
+        banned = set(self.pipeline.scores.banned())
+        for peer in list(self.pubsub.blacklisted_peers):
+            if peer.to_base58() not in banned:
+                self.pubsub.remove_from_blacklist(peer)
+        if self._bans_dirty and time.monotonic() >= self._next_ban_save:
+            self.save_bans()
+            self._next_ban_save = time.monotonic() + BAN_SAVE_INTERVAL_S
+
     async def _maintain_once(self) -> None:
         now = time.monotonic()
-        for peer in self.pipeline.scores.ban_expired():
-            self.pubsub.remove_from_blacklist(ID.from_base58(peer))
-            log.info("ban of %s expired; it may reconnect", peer)
+        self._sync_bans()
         connected = set(self.host.get_connected_peers())
         for peer in connected:
             if self._is_banned(peer):
-                self._to_disconnect_tx.send_nowait(peer)
+                self._disconnect(peer)
         self._check_pubsub_liveness(connected, now)
         self._update_silo(connected)
 
@@ -377,15 +601,18 @@ class SwarmHost:
         for peer in dict.fromkeys(wanted):
             if peer == self.my_id or peer in connected or self._is_banned(peer):
                 continue
-            if self.dial_state[peer].next_try <= now:
+            state = self.dial_state.get(peer)
+            if state is None or state.next_try <= now:
                 to_dial.append(peer)
+                if len(to_dial) >= 2 * self.cfg.degree_high:
+                    break
         async with trio.open_nursery() as nursery:
-            for peer in to_dial[: 2 * self.cfg.degree_high]:
+            for peer in to_dial:
                 nursery.start_soon(self._dial, peer)
 
     async def _dial(self, peer: ID) -> None:
         info = PeerInfo(peer, self.host.get_peerstore().addrs(peer))
-        state = self.dial_state[peer]
+        state = self._dial_state(peer)
         try:
             with trio.fail_after(DIAL_TIMEOUT_S):
                 await self.host.connect(info)
@@ -406,12 +633,14 @@ class SwarmHost:
             if now - since > PUBSUB_DEAD_AFTER_S and not self._is_banned(peer):
                 log.warning("peer %s is connected without a pubsub stream; reconnecting", peer)
                 self.pubsub_missing_since.pop(peer, None)
-                self.dial_state[peer].succeeded()
-                self._to_disconnect_tx.send_nowait(peer)
+                self._dial_state(peer).succeeded()
+                self._disconnect(peer)
         for peer in list(self.peers):
             if peer not in connected:
                 del self.peers[peer]
-                self.pubsub_missing_since.pop(peer, None)
+        for peer in list(self.pubsub_missing_since):
+            if peer not in connected:
+                del self.pubsub_missing_since[peer]
 
     def _update_silo(self, connected: set[ID]) -> None:
         silo = not any(p in self.pubsub.peers for p in connected)
@@ -431,27 +660,37 @@ class SwarmHost:
 
     # ----------------------------------------------------------------- status
     def snapshot(self) -> dict[str, Any]:
+        """Status for the node: bounded (SNAPSHOT_MAX_PEERS peers, SNAPSHOT_MAX_BANNED bans) whatever happens."""
         scores = self.pipeline.scores
         mesh = set().union(*self.gossipsub.mesh.values()) if self.gossipsub.mesh else set()
         peers = []
         for peer, counters in self.peers.items():
             name = peer.to_base58()
             if scores.is_banned(name):
-                continue  # listed under "banned"; it is cut again within a second if it redials
+                continue  # listed under "banned_peers"; it is cut again within a second if it redials
+            if len(peers) >= SNAPSHOT_MAX_PEERS:
+                break
             verdicts = {str(reason): n for reason, n in self.pipeline.peer_counts(name).items()}
             peers.append({"peer_id": name, "addrs": self._addrs_of(peer), **asdict(counters), "verdicts": verdicts,
                           "score": round(scores.score(name), 3), "in_mesh": peer in mesh})  # fmt: skip
         verdicts: dict[str, int] = defaultdict(int)
         for (_kind, reason), n in self.pipeline.counts.items():
             verdicts[str(reason)] += n
+        bans = scores.ban_records(limit=SNAPSHOT_MAX_BANNED)
         return {
             "peer_id": self.my_id.to_base58(),
-            "listen_addrs": [str(a) for a in self.host.get_addrs()],
+            "listen_addrs": [str(a) for a in self.host.get_addrs()][:16],
             "peers": peers,
+            "peers_total": len(self.peers),
             **self.totals,
             "verdicts": dict(verdicts),
             "drops": dict(self.drops),
-            "banned": scores.banned(),
+            "banned": [b.peer_id for b in bans],
+            "banned_peers": [
+                {"peer_id": b.peer_id, "reason": b.reason, "expires_at": b.until, "bans": b.bans}
+                for b in bans
+            ],
+            "banned_total": len(scores.banned()),
             "silo": self.silo,
             "snapshot_at": time.time(),
         }
@@ -464,9 +703,15 @@ class SwarmHost:
 
     async def _snapshot_loop(self) -> None:
         while True:
-            # When the node is not reading, skip: the next snapshot supersedes this one.
-            with contextlib.suppress(trio.WouldBlock):
-                self._ipc_tx.send_nowait(encode_frame(Snapshot(self.snapshot())))
+            try:
+                frame = encode_frame(Snapshot(self.snapshot()))
+                # When the node is not reading, skip: the next snapshot supersedes this one.
+                with contextlib.suppress(trio.WouldBlock):
+                    self._ipc_tx.send_nowait(frame)
+            except Exception:  # a status snapshot must never take the host down
+                self.drops["snapshot_failed"] += 1
+                if self.drops["snapshot_failed"] == 1:
+                    log.exception("building the status snapshot failed; the node sees stale status")
             await trio.sleep(SNAPSHOT_INTERVAL_S)
 
 
@@ -480,6 +725,7 @@ def configure_logging(level: str) -> None:
     libp2p_handler = logging.StreamHandler(sys.stderr)
     libp2p_handler.setFormatter(formatter)
     libp2p_handler.setLevel(logging.WARNING)
+    libp2p_handler.addFilter(_FirstLineOnly())  # e.g. a 7-line ERROR per failed stream negotiation
     logging.getLogger("libp2p").addHandler(libp2p_handler)
     # "GRAFT flood detected" fires constantly at N=8 and is harmless with library scoring off.
     logging.getLogger("libp2p.pubsub.gossipsub").setLevel(logging.ERROR)
@@ -490,12 +736,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="P2PConfig as JSON")
     parser.add_argument("--key", type=Path, required=True, help="Ed25519 identity key file")
     parser.add_argument("--ipc", type=Path, required=True, help="the node's Unix socket")
+    parser.add_argument("--ban-file", type=Path, default=None, help="where bans are kept across restarts")
     parser.add_argument("--log-level", default=os.environ.get("SWARMNODE_P2P_LOG", "INFO"))
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     cfg = P2PConfig.model_validate_json(args.config.read_text())
     identity = Identity.load_or_create(args.key)
-    host = SwarmHost(cfg, identity, args.ipc)
+    host = SwarmHost(cfg, identity, args.ipc, ban_file=args.ban_file)
     try:
         trio.run(host.run)
     except KeyboardInterrupt:

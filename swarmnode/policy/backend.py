@@ -21,6 +21,9 @@ class Generation:
     text: str  # decoded completion, special tokens removed
     token_ids: tuple[int, ...]  # generated ids; includes the EOS id when finished
     finished: bool  # True when the model emitted EOS within max_new_tokens
+    # Behaviour log-prob: sum over token_ids of log p(token) under the distribution it was sampled
+    # from (temperature and top-p applied); None when the backend does not know it (greedy decoding).
+    logprob: float | None = None
 
 
 class GenerationBackend(Protocol):

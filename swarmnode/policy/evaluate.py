@@ -14,7 +14,11 @@ def greedy_accuracy(
     n: int,
     max_new_tokens: int = 12,
 ) -> float:
-    """Mean reward of greedy completions on the first `n` held-out tasks (binary reward: accuracy)."""
+    """Mean reward of greedy completions on the first `n` held-out tasks (binary reward: accuracy).
+
+    A node passes its ``grpo.max_completion_length`` (``NodeRuntime.evaluate``) so evaluation gives
+    the model the same room as training; the default of 12 fits only the embedded tiny models.
+    """
     tasks = registry.eval_tasks(n)
     prompts = [policy.encode_prompt(task.question) for task in tasks]
     groups = backend.generate(prompts, SamplingParams(n=1, greedy=True, max_new_tokens=max_new_tokens))

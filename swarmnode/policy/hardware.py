@@ -42,6 +42,9 @@ class RuntimeChoice:
     generation_batch_size: int  # prompts per generate() call
     threads: int  # torch intra-op threads
     reasons: list[str] = field(default_factory=list)
+    # Share of the GPU's memory this node may use, and the part of it given to vLLM (0 without vLLM).
+    gpu_memory_fraction: float = 1.0
+    vllm_memory_utilization: float = 0.0
 
 
 def detect_hardware() -> Hardware:
@@ -130,7 +133,9 @@ def choose_runtime(hw: Hardware, cfg: NodeConfig) -> RuntimeChoice:
 
     if cfg.device == "auto":
         device = hw.device
-        reasons.append(f"device {device}: best accelerator found" + (f" ({hw.gpu_name})" if hw.gpu_name else ""))
+        reasons.append(
+            f"device {device}: best accelerator found" + (f" ({hw.gpu_name})" if hw.gpu_name else "")
+        )
     else:
         device = cfg.device
         if device in ("cuda", "mps") and hw.device != device:
@@ -147,7 +152,37 @@ def choose_runtime(hw: Hardware, cfg: NodeConfig) -> RuntimeChoice:
     backend = _choose_backend(hw, cfg, device, reasons)
     batch = _choose_batch_size(hw, cfg, device, backend, model_bytes, reasons)
     threads = _choose_threads(hw, cfg, device, small_model, reasons)
-    return RuntimeChoice(device, dtype, backend, batch, threads, reasons)
+    fraction = cfg.gpu_memory_fraction if device == "cuda" else 1.0
+    vllm_share = vllm_memory_utilization(cfg) if backend == "vllm" else 0.0
+    if device == "cuda" and fraction < 1.0:
+        reasons.append(
+            f"GPU memory {fraction:.0%} of {hw.gpu_mem_gb:.0f} GiB: gpu_memory_fraction (the GPU is shared)"
+            + (f", vLLM gets {vllm_share:.0%} of the GPU" if backend == "vllm" else "")
+        )
+    return RuntimeChoice(device, dtype, backend, batch, threads, reasons, fraction, vllm_share)
+
+
+def vllm_memory_utilization(cfg: NodeConfig) -> float:
+    """vLLM's ``gpu_memory_utilization``: its share of the node's part of the GPU, as a share of the GPU.
+
+    With k nodes on one GPU each node's ``gpu_memory_fraction`` is at most 1/k, so k engines never
+    ask for the same GPU's memory twice.
+    """
+    return round(cfg.model.gpu_memory_utilization * cfg.gpu_memory_fraction, 4)
+
+
+def limit_gpu_memory(choice: RuntimeChoice) -> bool:
+    """Cap this process's CUDA caching allocator at the node's share of the GPU; True when capped.
+
+    Only with the transformers backend: vLLM sizes its own pools from ``gpu_memory_utilization``
+    and a cap underneath it would break its memory profiling.
+    """
+    if choice.device != "cuda" or choice.gpu_memory_fraction >= 1.0 or choice.backend == "vllm":
+        return False
+    import torch
+
+    torch.cuda.set_per_process_memory_fraction(choice.gpu_memory_fraction)
+    return True
 
 
 def _choose_dtype(hw: Hardware, cfg: NodeConfig, device: str, reasons: list[str]) -> str:
@@ -164,7 +199,9 @@ def _choose_dtype(hw: Hardware, cfg: NodeConfig, device: str, reasons: list[str]
         return cfg.model.dtype
     if device == "cuda":
         dtype = "bfloat16" if hw.bf16_supported else "float16"
-        reasons.append(f"dtype {dtype}: " + ("GPU supports bfloat16" if hw.bf16_supported else "GPU lacks bfloat16"))
+        reasons.append(
+            f"dtype {dtype}: " + ("GPU supports bfloat16" if hw.bf16_supported else "GPU lacks bfloat16")
+        )
         return dtype
     # Training in float16 without loss scaling is unstable; MPS and CPU train in float32.
     reasons.append(f"dtype float32: training on {device}")
@@ -208,10 +245,13 @@ def _choose_batch_size(
     if device == "cuda":
         # Left after weights, gradients and Adam state (~4x the weights in the training dtype).
         weights_gb = (model_bytes or 2 * 2**30) / 2**30
-        spare_gb = max(hw.gpu_mem_gb - 4 * weights_gb, 1.0)
+        # Only the node's share of the GPU counts: other nodes may be placed on the same one.
+        spare_gb = max(hw.gpu_mem_gb * cfg.gpu_memory_fraction - 4 * weights_gb, 1.0)
         sequences = int(spare_gb * 32)  # ~32 sequences of a few hundred tokens per GiB for <1B models
         size = max(1, min(prompts, sequences // G))
-        reasons.append(f"generation batch {size} prompts: ~{spare_gb:.0f} GiB GPU memory spare after training state")
+        reasons.append(
+            f"generation batch {size} prompts: ~{spare_gb:.0f} GiB GPU memory spare after training state"
+        )
         return size
     # CPU / MPS: bounded by memory bandwidth; 64 sequences per call keeps latency low.
     size = max(1, min(prompts, 64 // G))

@@ -2,8 +2,10 @@
 
 The engine runs in this process beside the trainer's model (colocated, like TRL's "colocate"
 mode): it takes ``gpu_memory_utilization`` of the GPU for its weights and KV cache, generates from
-prompt token ids, and after each policy update ``sync_weights()`` pushes the trainer's state_dict
-into the engine's model and drops the prefix cache computed with the old weights.
+prompt token ids (with each completion's behaviour log-prob, ``Generation.logprob``, read from
+vLLM's ``cumulative_logprob`` in "processed_logprobs" mode), and after each policy update
+``sync_weights()`` pushes the trainer's state_dict into the engine's model and drops the prefix
+cache computed with the old weights.
 
 vLLM is imported lazily, only when an engine is built, so this module imports anywhere; tests pass
 a fake ``engine_factory``. Only ``Policy.model``, ``Policy.tokenizer`` and ``Policy.model_id`` are
@@ -12,6 +14,7 @@ used from the policy.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -74,7 +77,10 @@ def _torch_dtype_name(model: Any) -> str:
 
 def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
     ids: set[int] = set()
-    for source in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+    for source in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
         if isinstance(source, int):
             ids.add(source)
         elif isinstance(source, list | tuple):
@@ -105,7 +111,9 @@ class VLLMBackend:
         self.seed = seed
         self.eos_ids = _eos_ids(policy.tokenizer, policy.model)
         if not self.eos_ids:
-            raise ValueError(f"the tokenizer of {policy.model_id} has no EOS token; generation could not finish")
+            raise ValueError(
+                f"the tokenizer of {policy.model_id} has no EOS token; generation could not finish"
+            )
         self.eos_id = getattr(policy.tokenizer, "eos_token_id", None)
         if not isinstance(self.eos_id, int):
             self.eos_id = min(self.eos_ids)
@@ -121,6 +129,9 @@ class VLLMBackend:
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=enable_prefix_caching,
             seed=seed,
+            # log-probs of the distribution actually sampled from (temperature and top-p applied), so
+            # a completion's cumulative_logprob is its behaviour log-prob (vLLM >= 0.10.2)
+            logprobs_mode="processed_logprobs",
         )
         if max_model_len is not None:
             self.engine_kwargs["max_model_len"] = max_model_len
@@ -144,13 +155,16 @@ class VLLMBackend:
 
     def _vllm_params(self, params: SamplingParams, seed: int | None) -> Any:
         if params.greedy:
-            return self._make_params(n=params.n, temperature=0.0, top_p=1.0, max_tokens=params.max_new_tokens, seed=seed)
+            return self._make_params(
+                n=params.n, temperature=0.0, top_p=1.0, max_tokens=params.max_new_tokens, seed=seed
+            )
         return self._make_params(
             n=params.n,
             temperature=params.temperature,
             top_p=params.top_p,
             max_tokens=params.max_new_tokens,
             seed=seed,
+            logprobs=0,  # only the sampled token's log-prob: fills cumulative_logprob
         )
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Generation]]:
@@ -159,7 +173,8 @@ class VLLMBackend:
             return []
         # One seed per prompt: identical prompts in one call still get independent samples.
         sampling = [
-            self._vllm_params(params, None if params.seed is None else params.seed + i) for i in range(len(prompt_ids))
+            self._vllm_params(params, None if params.seed is None else params.seed + i)
+            for i in range(len(prompt_ids))
         ]
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
         outputs = self.engine.generate(prompts, sampling, use_tqdm=False)
@@ -175,12 +190,18 @@ class VLLMBackend:
             ids.append(self.eos_id)
         body = ids[:-1] if finished else ids
         text = self.policy.tokenizer.decode(body, skip_special_tokens=True)
-        return Generation(text=text, token_ids=tuple(ids), finished=finished)
+        cumulative = getattr(completion, "cumulative_logprob", None)
+        logprob = (
+            float(cumulative) if isinstance(cumulative, int | float) and math.isfinite(cumulative) else None
+        )
+        return Generation(text=text, token_ids=tuple(ids), finished=finished, logprob=logprob)
 
     def sync_weights(self) -> None:
         """Push the trainer model's current weights into the engine."""
         state = self.policy.model.state_dict()
-        self.last_sync_path = push_weights(self.engine, ((name, tensor.detach()) for name, tensor in state.items()))
+        self.last_sync_path = push_weights(
+            self.engine, ((name, tensor.detach()) for name, tensor in state.items())
+        )
         self.weight_syncs += 1
 
     def close(self) -> None:

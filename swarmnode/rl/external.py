@@ -1,23 +1,37 @@
-"""Receiving other nodes' rollout groups, trusting nothing, and pooling them for the sampler.
+"""Receiving other nodes' rollout groups, trusting nothing, and verifying only what gets used.
 
-`ExternalIntake` turns a received `RolloutGroup` into a `ScoredGroup` or a rejection reason:
-regenerate the question from its task reference with the local task registry, drop it if the
-text differs or the reference is unknown (the sender is penalized), score every completion with
-the local verifier, drop zero-variance groups (no learning signal; no penalty), and re-tokenize
-the text with the local tokenizer.
+Two stages (docs/DESIGN.md "As built", intake bounded by use):
 
-`ExternalPool` keeps accepted groups under a freshness window (age and the sender's own round
-counter), a per-source cap and de-duplication. The sampler picks from `eligible()`.
+1. `ExternalPool.offer` keeps every received group as a cheap *candidate*: no scoring, no
+   tokenizing; a de-duplication check against a bounded memory of fingerprints, a freshness check,
+   and bounds on the number of candidates, their bytes, and each sender's share of both.
+2. `ExternalPool.verify_for_use` runs the expensive part only for as many candidates as the
+   sampler is about to use plus a bounded look-ahead (so a zero-variance pick is replaced), under
+   a per-round limit on attempts and time. `ExternalIntake.process` regenerates the question from
+   its task reference with the local task registry, drops it if the text differs or the reference
+   is unknown (the sender is reported), refuses datasets whose scorer is unsafe on foreign text,
+   scores the completions in the isolated scoring worker (swarmnode.tasks.worker; a group over its
+   CPU budget is reported and penalized), drops zero-variance groups (no learning signal; no
+   penalty), and re-tokenizes the text with the local tokenizer.
+
+Candidates that expire or are pushed out before anyone needed them are counted as skipped work
+(``intake_skipped``), never silently lost. The sampler picks from `eligible()`: verified groups.
+
+Freshness is the group's creation time on the sender's clock, bounded by our receive time so a
+timestamp in the future cannot extend a group's life, plus the sender's own round counter.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import random
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from swarmnode.config import SamplerConfig
 from swarmnode.rl.records import RolloutGroup, ScoredGroup
@@ -27,16 +41,32 @@ class IntakeReason(StrEnum):
     ACCEPTED = "accepted"
     TASK_UNKNOWN = "task_unknown"  # a reference this node cannot regenerate (other preset or version)
     QUESTION_MISMATCH = "question_mismatch"  # the text does not match its reference: a lie
+    DATASET_REFUSED = "dataset_refused"  # its scorer is unsafe on foreign text (tasks.safety)
+    SCORING_TIMEOUT = "scoring_timeout"  # scoring it blew the worker's CPU/time budget
+    SCORING_ERROR = "scoring_error"  # the worker failed for another reason (not blamed on the sender)
     ZERO_VARIANCE = "zero_variance"  # every completion got the same local reward: no signal
-    DUPLICATE = "duplicate"  # already in the pool
+    DUPLICATE = "duplicate"  # already a candidate, in the pool, or seen recently
+    TOO_OLD = "too_old"  # created longer ago than sampler.max_age_s when it arrived
+    CANDIDATE_CAP = "candidate_cap"  # too big to hold as a candidate at all
     EMPTY = "empty"  # no completions (the wire decoder already refuses these)
 
     @property
     def reported_to_network(self) -> bool:
         """Verdicts about the sender that go to the p2p host, whose pipeline counts them per peer and
-        applies its penalty policy: a question mismatch is penalized; an unknown task is only counted,
-        since honest nodes may serve other task presets or reasoning-gym versions."""
-        return self in (IntakeReason.TASK_UNKNOWN, IntakeReason.QUESTION_MISMATCH)
+        applies its penalty policy: a question mismatch and a scoring timeout are penalized; an
+        unknown task or a refused dataset is only counted, since honest nodes may serve other task
+        presets or reasoning-gym versions."""
+        return self in (
+            IntakeReason.TASK_UNKNOWN,
+            IntakeReason.QUESTION_MISMATCH,
+            IntakeReason.SCORING_TIMEOUT,
+            IntakeReason.DATASET_REFUSED,
+        )
+
+    @property
+    def penalized(self) -> bool:
+        """Reported verdicts the host's policy penalizes (the sender lied or attacked)."""
+        return self in (IntakeReason.QUESTION_MISMATCH, IntakeReason.SCORING_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -47,17 +77,53 @@ class IntakeResult:
 
 
 class ExternalIntake:
+    """Verifies one received group: regenerate, match, check the dataset's policy, score, tokenize."""
+
     def __init__(
         self,
-        registry,  # swarmnode.tasks.registry.TaskRegistry
+        registry: Any,  # swarmnode.tasks.registry.TaskRegistry
         encode_prompt: Callable[[str], list[int]],
         encode_completion: Callable[[str, bool], list[int]],
         max_completion_tokens: int,
+        worker: Any = None,  # swarmnode.tasks.worker.ScoringWorker
     ) -> None:
+        """`worker` scores peers' completions in an isolated process (what a node uses); without
+        one they are scored in this process, behind the same grammars: for tests of the logic only."""
         self.registry = registry
         self.encode_prompt = encode_prompt
         self.encode_completion = encode_completion
         self.max_completion_tokens = max_completion_tokens
+        self.worker = worker
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+    def _score(self, task: Any, completions: Sequence[str]) -> Any:
+        """A `WorkerScore`: status "ok" with rewards, "over_budget" or "error" with a detail."""
+        if self.worker is not None:
+            return self.worker.score(task.ref, completions)
+        from swarmnode.tasks.worker import ScoreStatus, WorkerScore
+
+        return WorkerScore(
+            ScoreStatus.OK, tuple(self.registry.score(task, text, foreign=True) for text in completions)
+        )
+
+    def precheck(self, group: RolloutGroup) -> IntakeResult | None:
+        """The checks cheap enough to run on every received group (no item generated, nothing
+        scored): None when the group may become a candidate."""
+        from swarmnode.tasks.registry import UnknownTaskError
+
+        if not group.completions:
+            return IntakeResult(IntakeReason.EMPTY, detail="group has no completions")
+        try:
+            self.registry.check_served(group.task)
+        except UnknownTaskError as exc:
+            return IntakeResult(IntakeReason.TASK_UNKNOWN, detail=str(exc))
+        policy = self.registry.foreign_text_policy(group.task.dataset)
+        if policy.refused:
+            return IntakeResult(IntakeReason.DATASET_REFUSED, detail=f"{group.task.dataset}: {policy.note}")
+        return None
 
     def process(self, group: RolloutGroup) -> IntakeResult:
         # Imported here so rl stays importable without reasoning-gym for pure-logic tests.
@@ -71,7 +137,17 @@ class ExternalIntake:
             return IntakeResult(IntakeReason.TASK_UNKNOWN, detail=str(exc))
         if task.question != group.question:
             return IntakeResult(IntakeReason.QUESTION_MISMATCH, detail=f"task {group.task.key()}")
-        rewards = tuple(self.registry.score(task, text) for text in group.completions)
+        policy = self.registry.foreign_text_policy(group.task.dataset)
+        if policy.refused:
+            return IntakeResult(IntakeReason.DATASET_REFUSED, detail=f"{group.task.dataset}: {policy.note}")
+        # One character past the cap is enough for the scorer to see the text is too long.
+        limit = self.registry.max_completion_chars + 1
+        result = self._score(task, [text[:limit] for text in group.completions])
+        if result.status == "over_budget":
+            return IntakeResult(IntakeReason.SCORING_TIMEOUT, detail=result.detail)
+        if result.status != "ok":
+            return IntakeResult(IntakeReason.SCORING_ERROR, detail=result.detail)
+        rewards = tuple(result.rewards)
         if max(rewards) == min(rewards):
             return IntakeResult(IntakeReason.ZERO_VARIANCE)
         prompt_ids = tuple(self.encode_prompt(task.question))
@@ -90,37 +166,237 @@ def group_fingerprint(group: RolloutGroup) -> str:
     return digest.hexdigest()[:32]
 
 
+def group_bytes(group: RolloutGroup) -> int:
+    """What holding the group as a candidate costs, roughly (text dominates)."""
+    return len(group.question) + sum(len(text) for text in group.completions) + 64 * len(group.completions)
+
+
 @dataclass
 class PooledGroup:
     scored: ScoredGroup
     received_at: float
+    origin: str = ""  # the peer that delivered it (reports go there)
 
     @property
     def source(self) -> str:
         return self.scored.group.source
 
 
-class ExternalPool:
-    """Accepted external groups, freshest first out of the window, bounded per source and in total."""
+@dataclass
+class Candidate:
+    group: RolloutGroup
+    origin: str
+    received_at: float
+    size: int
+    msg_id: str = ""  # content id of the message that carried it (blames its forwarder on a bad verdict)
 
-    def __init__(self, cfg: SamplerConfig, clock: Callable[[], float] = time.time) -> None:
+    @property
+    def source(self) -> str:
+        return self.group.source
+
+
+@dataclass(frozen=True)
+class IntakeLimits:
+    """How much unverified material a node holds, and how much verification a round may do."""
+
+    max_candidates: int = 512
+    max_candidate_bytes: int = 32 * 1024 * 1024
+    lookahead: int = 4  # verified groups kept ready beyond the J the sampler takes
+    max_attempts_per_round: int = 64  # verifications per round, whatever their outcome
+    budget_s_per_round: float = 10.0  # wall time per round for verification
+    seen_memory: int = 8192  # fingerprints remembered to drop re-sent groups cheaply
+
+
+@dataclass
+class VerifyReport:
+    """What one `verify_for_use` call did, for the round's counters."""
+
+    attempted: int = 0
+    outcomes: list[tuple[Candidate, IntakeResult]] = field(default_factory=list)
+    stopped_by: str = ""  # "" (enough ready / nothing left), "attempts" or "budget"
+
+
+def effective_created_at(group: RolloutGroup, received_at: float) -> float:
+    """The group's creation time, never later than when we received it (a future timestamp would
+    otherwise keep it fresh forever); a NaN claim counts as received now."""
+    created = group.created_at
+    if math.isnan(created):
+        return received_at
+    return min(created, received_at)
+
+
+class ExternalPool:
+    """Candidates (received, unverified) and verified groups, both fresh, bounded and unique."""
+
+    def __init__(
+        self,
+        cfg: SamplerConfig,
+        clock: Callable[[], float] = time.time,
+        limits: IntakeLimits | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.cfg = cfg
         self.clock = clock
-        self._groups: OrderedDict[str, PooledGroup] = OrderedDict()  # fingerprint -> group, oldest first
-        self._latest_round: dict[str, int] = {}  # sender -> highest node round seen
-        self.evicted: Counter[str] = Counter()  # reason -> count
+        self.monotonic = monotonic
+        self.limits = limits or IntakeLimits(max_candidates=cfg.pool_size)
+        self._groups: OrderedDict[str, PooledGroup] = OrderedDict()  # fingerprint -> verified, oldest first
+        # fingerprint -> unverified candidate, oldest first; and the same keys per sender, with bytes
+        self._candidates: OrderedDict[str, Candidate] = OrderedDict()
+        self._by_source: dict[str, OrderedDict[str, None]] = {}
+        self._source_bytes: Counter[str] = Counter()
+        self._candidate_bytes = 0
+        self._seen: OrderedDict[str, None] = OrderedDict()  # fingerprints verified or dropped before
+        # sender -> highest node round seen; bounded like `_seen` (sybils bring many senders)
+        self._latest_round: OrderedDict[str, int] = OrderedDict()
+        self.evicted: Counter[str] = Counter()  # verified groups evicted, by reason
+        self.skipped: Counter[str] = Counter()  # candidates dropped unverified, by reason
 
     def __len__(self) -> int:
         return len(self._groups)
 
-    def add(self, scored: ScoredGroup) -> bool:
-        """Add an accepted group; False when it is a duplicate."""
+    @property
+    def candidate_count(self) -> int:
+        return len(self._candidates)
+
+    @property
+    def candidate_bytes(self) -> int:
+        return self._candidate_bytes
+
+    # -- freshness -----------------------------------------------------------------------------
+    def _age(self, group: RolloutGroup, received_at: float, now: float) -> float:
+        return now - effective_created_at(group, received_at)
+
+    def _round_lagging(self, group: RolloutGroup) -> bool:
+        return group.round < self._latest_round.get(group.source, group.round) - self.cfg.max_round_lag
+
+    def _note_round(self, group: RolloutGroup) -> None:
+        self._latest_round[group.source] = max(self._latest_round.get(group.source, -1), group.round)
+        self._latest_round.move_to_end(group.source)
+        while len(self._latest_round) > self.limits.seen_memory:
+            self._latest_round.popitem(last=False)
+
+    def _remember(self, key: str) -> None:
+        self._seen[key] = None
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.limits.seen_memory:
+            self._seen.popitem(last=False)
+
+    # -- stage 1: cheap candidates ---------------------------------------------------------------
+    def offer(
+        self, group: RolloutGroup, origin: str, received_at: float | None = None, msg_id: str = ""
+    ) -> IntakeReason | None:
+        """Keep a received group as a candidate; None when kept, else why it was dropped at once."""
+        received_at = self.clock() if received_at is None else received_at
+        if not group.completions:
+            return IntakeReason.EMPTY
+        key = group_fingerprint(group)
+        if key in self._candidates or key in self._groups or key in self._seen:
+            return IntakeReason.DUPLICATE
+        if self._age(group, received_at, self.clock()) > self.cfg.max_age_s:
+            self._remember(key)
+            return IntakeReason.TOO_OLD
+        size = group_bytes(group)
+        per_source_bytes = self.limits.max_candidate_bytes // 4
+        if size > per_source_bytes:
+            return IntakeReason.CANDIDATE_CAP
+        self._note_round(group)
+        source = group.source
+        self._candidates[key] = Candidate(group, origin, received_at, size, msg_id)
+        self._by_source.setdefault(source, OrderedDict())[key] = None
+        self._source_bytes[source] += size
+        self._candidate_bytes += size
+        # One sender gets at most a quarter of the candidates (count and bytes): its oldest go first.
+        per_source_count = max(1, self.limits.max_candidates // 4)
+        while (
+            len(self._by_source[source]) > per_source_count or self._source_bytes[source] > per_source_bytes
+        ):
+            self._drop_candidate(next(iter(self._by_source[source])), "per_source_cap")
+        while self._candidates and (
+            len(self._candidates) > self.limits.max_candidates
+            or self._candidate_bytes > self.limits.max_candidate_bytes
+        ):
+            self._drop_candidate(next(iter(self._candidates)), "candidates_full")
+        return None
+
+    def _drop_candidate(self, key: str, reason: str) -> Candidate:
+        candidate = self._candidates.pop(key)
+        self._candidate_bytes -= candidate.size
+        mine = self._by_source[candidate.source]
+        del mine[key]
+        self._source_bytes[candidate.source] -= candidate.size
+        if not mine:
+            del self._by_source[candidate.source], self._source_bytes[candidate.source]
+        if reason:
+            self.skipped[reason] += 1
+        return candidate
+
+    def expire_candidates(self) -> None:
+        now = self.clock()
+        for key, candidate in list(self._candidates.items()):
+            if self._age(candidate.group, candidate.received_at, now) > self.cfg.max_age_s:
+                self._drop_candidate(key, "too_old")
+            elif self._round_lagging(candidate.group):
+                self._drop_candidate(key, "round_lag")
+
+    def _verification_order(self, rng: random.Random) -> list[str]:
+        """Candidates to verify first: one per sender in turn (senders in random order), each
+        sender's newest first, so a flooder cannot monopolize the verification budget."""
+        by_source = {source: list(reversed(keys)) for source, keys in self._by_source.items()}  # newest first
+        sources = sorted(by_source)
+        rng.shuffle(sources)
+        order: list[str] = []
+        depth = 0
+        while len(order) < len(self._candidates):
+            for source in sources:
+                if depth < len(by_source[source]):
+                    order.append(by_source[source][depth])
+            depth += 1
+        return order
+
+    # -- stage 2: verify what will be used ---------------------------------------------------------
+    def verify_for_use(
+        self, process: Callable[[RolloutGroup], IntakeResult], wanted: int, rng: random.Random
+    ) -> VerifyReport:
+        """Verify candidates until `wanted` verified groups are ready, or this round's attempts or
+        time run out. Verified groups join the pool; every outcome is in the report."""
+        report = VerifyReport()
+        self.expire()
+        self.expire_candidates()
+        if wanted <= 0:
+            return report
+        started = self.monotonic()
+        for key in self._verification_order(rng):
+            if len(self._groups) >= wanted:
+                break
+            if report.attempted >= self.limits.max_attempts_per_round:
+                report.stopped_by = "attempts"
+                break
+            if self.monotonic() - started > self.limits.budget_s_per_round:
+                report.stopped_by = "budget"
+                break
+            candidate = self._drop_candidate(key, "")
+            self._remember(key)
+            report.attempted += 1
+            result = process(candidate.group)
+            if result.reason is IntakeReason.ACCEPTED:
+                assert result.scored is not None
+                if not self._add(result.scored, candidate.received_at, candidate.origin):
+                    result = IntakeResult(IntakeReason.DUPLICATE)
+            report.outcomes.append((candidate, result))
+        return report
+
+    # -- verified groups -------------------------------------------------------------------------------
+    def add(self, scored: ScoredGroup, received_at: float | None = None, origin: str = "") -> bool:
+        """Add a verified group directly; False when it is a duplicate."""
+        return self._add(scored, self.clock() if received_at is None else received_at, origin)
+
+    def _add(self, scored: ScoredGroup, received_at: float, origin: str) -> bool:
         key = group_fingerprint(scored.group)
         if key in self._groups:
             return False
         source = scored.group.source
-        self._latest_round[source] = max(self._latest_round.get(source, -1), scored.group.round)
-        self._groups[key] = PooledGroup(scored, self.clock())
+        self._note_round(scored.group)
+        self._groups[key] = PooledGroup(scored, received_at, origin)
         per_source_limit = max(1, self.cfg.pool_size // 4)
         from_source = [k for k, p in self._groups.items() if p.source == source]
         for old in from_source[: max(0, len(from_source) - per_source_limit)]:
@@ -138,10 +414,10 @@ class ExternalPool:
         now = self.clock()
         for key, pooled in list(self._groups.items()):
             group = pooled.scored.group
-            if now - pooled.received_at > self.cfg.max_age_s:
+            if self._age(group, pooled.received_at, now) > self.cfg.max_age_s:
                 del self._groups[key]
                 self.evicted["too_old"] += 1
-            elif group.round < self._latest_round[group.source] - self.cfg.max_round_lag:
+            elif self._round_lagging(group):
                 del self._groups[key]
                 self.evicted["round_lag"] += 1
 

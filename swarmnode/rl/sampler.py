@@ -64,12 +64,17 @@ def variance(
     return _weighted_pick(candidates, k, rng, lambda p: 0.05 + p.scored.reward_std, ctx.per_source_cap)
 
 
+def difficulty_weight(pass_rate: float, local_pass_rate: float) -> float:
+    """Weight of a group with this pass rate: 1.05 at the node's own rate, falling to the 0.05 floor
+    at half a unit away."""
+    return 0.05 + max(0.0, 1.0 - 2.0 * abs(pass_rate - local_pass_rate))
+
+
 def difficulty(
     candidates: list[PooledGroup], k: int, rng: random.Random, ctx: SamplerContext
 ) -> list[PooledGroup]:
     def closeness(p: PooledGroup) -> float:
-        pass_rate = sum(p.scored.rewards) / len(p.scored.rewards)
-        return 0.05 + max(0.0, 1.0 - 2.0 * abs(pass_rate - ctx.local_pass_rate))
+        return difficulty_weight(sum(p.scored.rewards) / len(p.scored.rewards), ctx.local_pass_rate)
 
     return _weighted_pick(candidates, k, rng, closeness, ctx.per_source_cap)
 
@@ -78,6 +83,7 @@ STRATEGIES: dict[str, Strategy] = {"uniform": uniform, "variance": variance, "di
 
 
 def get_strategy(name: str) -> Strategy:
+    """The strategy registered under ``name`` (config validation already restricts the names)."""
     try:
         return STRATEGIES[name]
     except KeyError:

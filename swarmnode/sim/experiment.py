@@ -18,6 +18,28 @@ An experiment is TOML:
     index = 1
     set = { "model.path" = "embedded:tiny-b" }
 
+Task mixes can be written inline instead of naming a preset (dataset, config, weight), for every
+node in `[base]` or per node (specialties). A node verifies and evaluates on its `verify_extra`
+tasks without sampling them, so it can score peers' groups of a task it does not practise:
+
+    [base]
+    "tasks.mix" = [{ dataset = "chain_sum", config = { min_digits = 2, max_digits = 2 } }]
+
+    [[node]]
+    index = 0
+    set = { "tasks.mix" = [{ dataset = "chain_sum" }],
+            "tasks.verify_extra" = [{ dataset = "basic_arithmetic", weight = 1.0 }] }
+
+Adversary peers (`swarmnode.sim.adversary`, extra processes besides the `nodes` honest ones) and
+chaos (`swarmnode.sim.chaos`) are set for every configuration, or per configuration
+(`adversary = [{ kind = "poisoner", count = 2 }]`, `chaos = { kill_every_s = 60 }`):
+
+    [[adversary]]
+    kind = "forger"             # forger, replayer, flooder, sybil, regex_bomber, code_injector,
+    count = 2                   # poisoner, free_rider
+    [chaos]
+    kill_every_s = 60
+
 Keys are the dotted names of `swarmnode.config.NodeConfig`; every node config is validated before
 any process starts, so a typo fails at once with the key named.
 """
@@ -32,6 +54,9 @@ from pathlib import Path
 from typing import Any
 
 from swarmnode.config import ConfigError, NodeConfig, config_from_dict, set_dotted
+from swarmnode.sim.adversary import AdversarySpec, parse_adversaries
+from swarmnode.sim.chaos import ChaosSpec, parse_chaos
+from swarmnode.sim.placement import PlacementSpec, parse_placement
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -40,6 +65,9 @@ BUILTIN_PREFIX = "builtin:"
 class Configuration:
     name: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    # Adversary processes and chaos of this configuration (None: the experiment's; sim.adversary, sim.chaos)
+    adversaries: tuple[AdversarySpec, ...] | None = None
+    chaos: ChaosSpec | None = None
 
     @property
     def slug(self) -> str:
@@ -56,6 +84,15 @@ class Experiment:
     configurations: tuple[Configuration, ...]
     node_overrides: dict[int, dict[str, Any]]
     source: str = ""
+    placement: PlacementSpec = field(default_factory=PlacementSpec)  # GPUs, memory shares, Ray
+    adversaries: tuple[AdversarySpec, ...] = ()  # [[adversary]]: extra misbehaving peers (sim.adversary)
+    chaos: ChaosSpec | None = None  # [chaos]: kill -9 and restart honest nodes (sim.chaos)
+
+    def adversaries_for(self, configuration: Configuration) -> tuple[AdversarySpec, ...]:
+        return self.adversaries if configuration.adversaries is None else configuration.adversaries
+
+    def chaos_for(self, configuration: Configuration) -> ChaosSpec | None:
+        return self.chaos if configuration.chaos is None else configuration.chaos
 
     def node_config(self, configuration: Configuration, seed: int, index: int, data_dir: Path) -> NodeConfig:
         """The full, validated config of one node of one run."""
@@ -119,7 +156,13 @@ def parse_experiment(raw: dict[str, Any], source: str = "") -> Experiment:
     if not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"experiment {source}: 'seeds' must be a non-empty list of integers")
     configurations = tuple(
-        Configuration(str(c["name"]), dict(c.get("set", {}))) for c in raw.get("configuration", [])
+        Configuration(
+            str(c["name"]),
+            dict(c.get("set", {})),
+            parse_adversaries(c["adversary"], source) if "adversary" in c else None,
+            parse_chaos(c.get("chaos"), source),
+        )
+        for c in raw.get("configuration", [])
     ) or (Configuration("default"),)
     if len({c.slug for c in configurations}) != len(configurations):
         raise ConfigError(f"experiment {source}: configuration names must be distinct")
@@ -129,7 +172,8 @@ def parse_experiment(raw: dict[str, Any], source: str = "") -> Experiment:
         if not isinstance(index, int) or not 0 <= index < nodes:
             raise ConfigError(f"experiment {source}: [[node]] index must be in 0..{nodes - 1}, got {index!r}")
         node_overrides[index] = dict(entry.get("set", {}))
-    unknown = set(raw) - {"name", "nodes", "rounds", "seeds", "base", "configuration", "node", "description"}
+    unknown = set(raw) - {"name", "nodes", "rounds", "seeds", "base", "configuration", "node", "description",
+                          "placement", "adversary", "chaos"}
     if unknown:
         raise ConfigError(f"experiment {source}: unknown keys {sorted(unknown)}")
     experiment = Experiment(
@@ -141,6 +185,9 @@ def parse_experiment(raw: dict[str, Any], source: str = "") -> Experiment:
         configurations=configurations,
         node_overrides=node_overrides,
         source=source,
+        placement=parse_placement(raw.get("placement", {}), raw.get("node", []), nodes, source),
+        adversaries=parse_adversaries(raw.get("adversary"), source),
+        chaos=parse_chaos(raw.get("chaos"), source),
     )
     for configuration in configurations:  # fail before any process starts
         for index in range(nodes):

@@ -31,7 +31,8 @@ from reasoning_gym.dataset import ProceduralDataset
 
 from swarmnode.tasks.presets import TaskSpec, resolve_preset
 from swarmnode.tasks.reference import TaskRef
-from swarmnode.tasks.verify import score_completion
+from swarmnode.tasks.safety import ForeignTextPolicy, foreign_text_policy, refused_datasets
+from swarmnode.tasks.verify import DEFAULT_MAX_COMPLETION_CHARS, score_completion
 
 EVAL_SEED_BASE = 2**31  # numpy-seeded datasets need seed + index < 2**32
 MAX_DRAWS_PER_TASK = 1000  # bound on rejection sampling against held-out question texts
@@ -39,6 +40,10 @@ MAX_DRAWS_PER_TASK = 1000  # bound on rejection sampling against held-out questi
 
 class UnknownTaskError(LookupError):
     """A task reference this node cannot regenerate (dataset, config, version or index it does not serve)."""
+
+
+class RefusedForForeignTextError(LookupError):
+    """The dataset's scorer is not safe on a peer's text (swarmnode.tasks.safety); never scored."""
 
 
 @dataclass(frozen=True)
@@ -89,20 +94,54 @@ class _Served:
 class TaskRegistry:
     """The tasks this node serves: a preset's datasets at a fixed reasoning-gym version."""
 
-    def __init__(self, preset: str, partial_credit: bool = False, eval_size: int = 200) -> None:
+    # Completions longer than this score 0 unread (runtime sets it from grpo.max_completion_length).
+    max_completion_chars: int = DEFAULT_MAX_COMPLETION_CHARS
+
+    def __init__(
+        self,
+        preset: str,
+        partial_credit: bool = False,
+        eval_size: int = 200,
+        specs: tuple[TaskSpec, ...] | None = None,
+        verify_extra: tuple[TaskSpec, ...] = (),
+    ) -> None:
+        """`specs` (an inline mix) replaces the preset's specs; `verify_extra` are served (regenerated,
+        scored, evaluated on) but never sampled: peers' specialties this node can check."""
         self.preset = preset
         self.partial_credit = partial_credit
         self.eval_size = eval_size
         self.version = generator_version()
+        sampled_specs = specs or resolve_preset(preset)
         self.served: list[_Served] = []
-        for spec in resolve_preset(preset):
+        self._sampled: list[_Served] = []
+        self._by_key: dict[tuple[str, str], _Served] = {}
+        for position, spec in enumerate((*sampled_specs, *verify_extra)):
             config = full_config(spec)
-            self.served.append(_Served(spec, config, config_digest(config), int(config.get("size", 500))))
-        self._by_key = {(s.spec.dataset, s.digest): s for s in self.served}
-        self._weights = [s.spec.weight for s in self.served]
+            served = _Served(spec, config, config_digest(config), int(config.get("size", 500)))
+            if position < len(sampled_specs):
+                self._sampled.append(served)
+            if (spec.dataset, served.digest) not in self._by_key:  # a verified spec that is also sampled
+                self._by_key[(spec.dataset, served.digest)] = served
+                self.served.append(served)
+        self._weights = [s.spec.weight for s in self._sampled]
         self._dataset = functools.lru_cache(maxsize=64)(self._make_dataset)
         self._item = functools.lru_cache(maxsize=4096)(self._make_item)
         self._held_out_questions: frozenset[str] | None = None
+
+    @classmethod
+    def from_config(cls, tasks: Any) -> TaskRegistry:
+        """The registry a node's `tasks` config section describes (preset or inline mix, plus verify_extra)."""
+
+        def specs(entries: Any) -> tuple[TaskSpec, ...]:
+            return tuple(TaskSpec(e.dataset, dict(e.config), e.weight) for e in entries)
+
+        return cls(
+            tasks.preset,
+            tasks.partial_credit,
+            tasks.eval_size,
+            specs(tasks.mix) or None,
+            specs(tasks.verify_extra),
+        )
 
     # -- addressing -------------------------------------------------------------------------
 
@@ -160,7 +199,7 @@ class TaskRegistry:
         tasks: list[Task] = []
         for _ in range(n):
             for _draw in range(MAX_DRAWS_PER_TASK):
-                served = rng.choices(self.served, weights=self._weights)[0]
+                served = rng.choices(self._sampled, weights=self._weights)[0]
                 seed = rng.randrange(EVAL_SEED_BASE - served.size)
                 task = self._item(self._ref(served, seed, rng.randrange(served.size)))
                 if task.question not in held_out:
@@ -187,11 +226,70 @@ class TaskRegistry:
         """True when the question text is one of the first `eval_size` held-out questions."""
         return task.question in self._held_out()
 
-    def score(self, task: Task, completion: str) -> float:
-        """This node's reward for `completion` (0 on a missing answer or any scorer error)."""
+    def score(self, task: Task, completion: str, foreign: bool = False) -> float:
+        """This node's reward for `completion` (0 on a missing answer, an answer outside the dataset's
+        grammar, an over-long completion, or any scorer error).
+
+        `foreign=True` marks a peer's text: datasets refused for it raise RefusedForForeignTextError
+        and nothing is scored. Our own text of a refused dataset goes to reasoning-gym's scorer.
+        """
         self._served_for(task.ref)
+        policy = self.foreign_text_policy(task.ref.dataset)
+        if foreign and policy.refused:
+            raise RefusedForForeignTextError(
+                f"dataset {task.ref.dataset!r} is refused for peers' text ({policy.note})"
+            )
         scorer = self._dataset(task.ref.dataset, task.ref.config_digest, task.ref.seed).score_answer
-        return score_completion(scorer, task.entry(), completion, self.partial_credit)
+        return score_completion(
+            scorer,
+            task.entry(),
+            completion,
+            self.partial_credit,
+            policy=policy,
+            max_chars=self.max_completion_chars,
+        )
+
+    def check_served(self, ref: TaskRef) -> None:
+        """Raise UnknownTaskError unless this node serves `ref` (cheap: no item is generated)."""
+        self._served_for(ref)
+
+    def foreign_text_policy(self, dataset: str) -> ForeignTextPolicy:
+        return foreign_text_policy(dataset)
+
+    def refused_for_foreign_text(self) -> list[str]:
+        """The served datasets whose groups from peers are refused (their scorer is not safe)."""
+        return refused_datasets([s.spec.dataset for s in self.served])
+
+    def rebuild_args(self) -> dict[str, Any]:
+        """JSON data from which `from_rebuild_args` builds an equal registry (in the scoring worker)."""
+
+        def plain(spec: TaskSpec) -> dict[str, Any]:
+            return {"dataset": spec.dataset, "config": spec.config, "weight": spec.weight}
+
+        sampled = [s.spec for s in self._sampled]
+        return {
+            "preset": self.preset,
+            "partial_credit": self.partial_credit,
+            "eval_size": self.eval_size,
+            "max_completion_chars": self.max_completion_chars,
+            "specs": [plain(spec) for spec in sampled],
+            "verify_extra": [plain(s.spec) for s in self.served if s.spec not in sampled],
+        }
+
+    @classmethod
+    def from_rebuild_args(cls, args: dict[str, Any]) -> TaskRegistry:
+        def specs(entries: list[dict[str, Any]]) -> tuple[TaskSpec, ...]:
+            return tuple(TaskSpec(e["dataset"], dict(e["config"]), float(e["weight"])) for e in entries)
+
+        registry = cls(
+            args["preset"],
+            args["partial_credit"],
+            args["eval_size"],
+            specs(args["specs"]),
+            specs(args["verify_extra"]),
+        )
+        registry.max_completion_chars = int(args["max_completion_chars"])
+        return registry
 
     def _held_out(self) -> frozenset[str]:
         if self._held_out_questions is None:

@@ -1,8 +1,10 @@
 """The wire format: signed, compressed, capped protobuf envelopes carrying rollout batches and heartbeats.
 
 Sending: ``seal(identity, Kind.ROLLOUT_BATCH, encode_rollout_batch(groups, ...))``.
-Receiving (the validation pipeline does this, in this order): ``open_envelope`` (size cap, parse),
-``verify_envelope``, then ``decode_message`` (bounded decompression, schema caps, records).
+Receiving (the validation pipeline does this, in this order): ``open_envelope`` (size cap, parse,
+canonical encoding), ``verify_envelope``, then ``decode_message`` (bounded decompression, a
+pre-scan of counts and sizes, parse, remaining caps, records). docs/PROTOCOL.md describes the
+format for other implementations.
 Every failure is a ``WireError`` whose ``reason`` is a validation-pipeline reason. This package
 must not import torch: the libp2p host process uses it.
 """
@@ -21,6 +23,7 @@ from swarmnode.wire.envelope import (
     message_id,
     open_envelope,
     open_payload,
+    payload_cap,
     seal,
     signing_digest,
     verify_envelope,
@@ -32,6 +35,7 @@ from swarmnode.wire.messages import (
     decode_rollout_batch,
     encode_heartbeat,
     encode_rollout_batch,
+    scan_prefix,
 )
 
 
@@ -40,7 +44,7 @@ def decode_message(env: Envelope, caps: WireCaps) -> DecodedBatch | NodeHeartbea
 
     Rollout groups get the envelope's signer peer id as their ``source``.
     """
-    payload = open_payload(env, caps)
+    payload = open_payload(env, caps, check_prefix=lambda prefix: scan_prefix(env.kind, prefix, caps))
     if env.kind == Kind.ROLLOUT_BATCH:
         return decode_rollout_batch(payload, caps, source=env.signer)
     return decode_heartbeat(payload, caps)
@@ -66,6 +70,7 @@ __all__ = [
     "message_id",
     "open_envelope",
     "open_payload",
+    "payload_cap",
     "peer_id_from_public_key",
     "seal",
     "signing_digest",

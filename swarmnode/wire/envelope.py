@@ -1,6 +1,7 @@
 """The signed envelope: compress, sign and seal a payload; open, bound and verify a received one.
 
-See protos/swarmnode/v1/wire.proto for the exact digest that is signed.
+docs/PROTOCOL.md ("Envelope", "Signing digest", "Message id") is the normative description; see
+protos/swarmnode/v1/wire.proto for the schema.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from swarmnode.wire.gen import wire_pb2
 ENVELOPE_VERSION = 1
 ZLIB_LEVEL = 6
 _DOMAIN = b"swarmnode/v1/envelope\x00"
+_INFLATE_CHUNK = 256 * 1024  # zlib output per step while inflating a payload
 
 
 class Kind(IntEnum):
@@ -94,9 +96,19 @@ def seal(
 ) -> bytes:
     """Compress and sign ``payload`` (an encoded RolloutBatch or Heartbeat); returns envelope bytes.
 
-    Raises WireError("oversize") when the sealed envelope exceeds ``max_message_bytes``: publish
-    fewer groups per batch.
+    Raises WireError("oversize") when the sealed envelope exceeds ``max_message_bytes``, or the
+    payload exceeds the decompressed cap receivers with that message cap apply (``payload_cap``):
+    receivers would reject and penalise either, so publish fewer groups per batch.
     """
+    receivers_cap = payload_cap(
+        kind, WireCaps(max_message_bytes=max_message_bytes, max_payload_bytes=8 * max_message_bytes)
+    )
+    if len(payload) > receivers_cap:
+        raise WireError(
+            "oversize",
+            f"{kind.name} payload is {len(payload)} bytes, over the {receivers_cap}-byte cap receivers "
+            f"apply after decompression; send fewer groups per message",
+        )
     if compression == Compression.ZLIB:
         body = zlib.compress(payload, ZLIB_LEVEL)
     elif compression == Compression.NONE:
@@ -122,7 +134,12 @@ def seal(
 
 
 def open_envelope(data: bytes, caps: WireCaps) -> Envelope:
-    """Parse envelope bytes with the size cap checked first; raises WireError. Does not verify."""
+    """Parse envelope bytes with the size cap checked first; raises WireError. Does not verify.
+
+    The bytes must be the envelope's canonical encoding (fields in number order, each once, no
+    default-valued or unknown fields): anything else is a decode_error, so one envelope has
+    exactly one message id and nobody can re-encode a genuine envelope to make it look new.
+    """
     if len(data) > caps.max_message_bytes:
         raise WireError("oversize", f"{len(data)} bytes, cap {caps.max_message_bytes}")
     msg = wire_pb2.Envelope()
@@ -141,10 +158,12 @@ def open_envelope(data: bytes, caps: WireCaps) -> Envelope:
     except ValueError:
         raise WireError("decode_error", f"unknown compression {msg.compression}") from None
     if len(msg.signer_public_key) != PUBLIC_KEY_BYTES:
-        raise WireError("decode_error", f"signer key is {len(msg.signer_public_key)} bytes, not {PUBLIC_KEY_BYTES}")
+        raise WireError(
+            "decode_error", f"signer key is {len(msg.signer_public_key)} bytes, not {PUBLIC_KEY_BYTES}"
+        )
     if len(msg.signature) != SIGNATURE_BYTES:
         raise WireError("decode_error", f"signature is {len(msg.signature)} bytes, not {SIGNATURE_BYTES}")
-    return Envelope(
+    envelope = Envelope(
         version=msg.version,
         kind=kind,
         compression=compression,
@@ -153,6 +172,20 @@ def open_envelope(data: bytes, caps: WireCaps) -> Envelope:
         signature=msg.signature,
         raw=bytes(data),
     )
+    if _canonical_bytes(envelope) != envelope.raw:
+        raise WireError("decode_error", "envelope is not canonically encoded (see docs/PROTOCOL.md)")
+    return envelope
+
+
+def _canonical_bytes(env: Envelope) -> bytes:
+    return wire_pb2.Envelope(
+        version=env.version,
+        kind=int(env.kind),
+        compression=int(env.compression),
+        payload=env.payload,
+        signer_public_key=env.signer_public_key,
+        signature=env.signature,
+    ).SerializeToString()
 
 
 def verify_envelope(env: Envelope) -> bool:
@@ -161,19 +194,46 @@ def verify_envelope(env: Envelope) -> bool:
     return verify(env.signer_public_key, digest, env.signature)
 
 
-def open_payload(env: Envelope, caps: WireCaps) -> bytes:
-    """The decompressed payload, never larger than ``caps.max_payload_bytes`` (a zip bomb is oversize)."""
+def payload_cap(kind: Kind, caps: WireCaps) -> int:
+    """The decompressed payload size cap of ``kind``: derived from the schema caps, at most
+    ``caps.max_payload_bytes``."""
+    return caps.max_heartbeat_payload_bytes if kind == Kind.HEARTBEAT else caps.max_batch_payload_bytes
+
+
+def open_payload(
+    env: Envelope, caps: WireCaps, check_prefix: Callable[[bytearray], None] | None = None
+) -> bytes | bytearray:
+    """The decompressed payload, never larger than its kind's cap (a zip bomb is oversize).
+
+    zlib inflates in bounded chunks into one growing buffer, stopping one byte past the cap, so
+    a bomb costs at most about the cap in memory whatever it would inflate to, and no step holds
+    two copies of the payload. ``check_prefix`` (it raises WireError) sees the first chunk before
+    the rest is inflated, so a payload whose first records already break a cap costs one chunk.
+    """
+    cap = payload_cap(env.kind, caps)
     if env.compression == Compression.NONE:
-        if len(env.payload) > caps.max_payload_bytes:
-            raise WireError("oversize", f"payload {len(env.payload)} bytes, cap {caps.max_payload_bytes}")
+        if len(env.payload) > cap:
+            raise WireError("oversize", f"payload {len(env.payload)} bytes, cap {cap}")
         return env.payload
     inflater = zlib.decompressobj()
+    out = bytearray()
+    tail = env.payload
     try:
-        out = inflater.decompress(env.payload, caps.max_payload_bytes)
+        # Each pass either adds output, consumes input or ends the stream; the count bound is a backstop.
+        for _ in range(cap // _INFLATE_CHUNK + 3):
+            if inflater.eof:
+                break
+            chunk = inflater.decompress(tail, min(_INFLATE_CHUNK, cap + 1 - len(out)))
+            tail = inflater.unconsumed_tail
+            out += chunk
+            if len(out) > cap:
+                raise WireError("oversize", f"{env.kind.name} payload inflates beyond its {cap}-byte cap")
+            if not chunk and not tail:
+                break
+            if check_prefix is not None and len(out) == len(chunk) and not inflater.eof:
+                check_prefix(out)
     except zlib.error as exc:
         raise WireError("decode_error", f"bad zlib payload: {exc}") from None
-    if inflater.unconsumed_tail:
-        raise WireError("oversize", f"payload inflates beyond the {caps.max_payload_bytes}-byte cap")
     if not inflater.eof or inflater.unused_data:
         raise WireError("decode_error", "zlib payload is truncated or has trailing bytes")
     return out

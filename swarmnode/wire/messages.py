@@ -1,21 +1,30 @@
 """Payload messages: rollout batches and heartbeats, to and from the node's typed records.
 
-Decoding checks every cap (WireCaps) on the parsed message before any record is built from it,
-and raises WireError with the pipeline reason on the first violation.
+Decoding first pre-scans the encoded bytes (swarmnode.wire.scan: counts and sizes, nothing
+allocated), then parses, then checks the remaining caps (characters, values) before any record is
+built, and raises WireError with the pipeline reason on the first violation. docs/PROTOCOL.md
+("Payload messages") is the normative description.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 from google.protobuf.message import DecodeError, Message
 
 from swarmnode.rl.records import RolloutGroup
 from swarmnode.tasks.reference import TaskRef
 from swarmnode.wire.caps import WireCaps, WireError
+from swarmnode.wire.envelope import Kind
 from swarmnode.wire.gen import wire_pb2
+from swarmnode.wire.scan import MessageRule, heartbeat_rule, rollout_batch_rule, scan
+
+_rollout_batch_rule = lru_cache(maxsize=8)(rollout_batch_rule)
+_heartbeat_rule = lru_cache(maxsize=8)(heartbeat_rule)
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,8 @@ class NodeHeartbeat:
     silo: bool = False
     peers: int = 0
     software_version: str = ""
+    admin_address: str = ""  # HOST:PORT the sender advertises for its admin API ("" = none)
+    metrics_address: str = ""  # HOST:PORT of its /metrics ("" = none)
 
 
 def _ms(seconds: float) -> int:
@@ -73,17 +84,61 @@ def encode_rollout_batch(
                     generator_version=ref.generator_version,
                 ),
                 question=group.question,
-                completions=[
-                    wire_pb2.Completion(text=text, finished=done)
-                    for text, done in zip(group.completions, group.finished, strict=True)
-                ],
+                completions=_encode_completions(group),
                 model_id="" if group.model_id == model_id else group.model_id,
             )
         )
     return batch.SerializeToString()
 
 
-def _parse(message: Message, payload: bytes, what: str) -> None:
+def _float32(value: float) -> float:
+    """``value`` rounded to float32 as the wire carries it (inf when out of float32 range)."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def _encode_completions(group: RolloutGroup) -> list[wire_pb2.Completion]:
+    """Completions with the behaviour claims when the group has both; receivers reject bad values,
+    so they are refused here (ValueError) rather than sent."""
+    logprobs, num_tokens = group.behaviour_logprobs, group.behaviour_num_tokens
+    if logprobs is None or num_tokens is None:
+        return [
+            wire_pb2.Completion(text=text, finished=done)
+            for text, done in zip(group.completions, group.finished, strict=True)
+        ]
+    n = len(group.completions)
+    if len(logprobs) != n or len(num_tokens) != n:
+        raise ValueError(
+            f"group {group.task.key()}: {n} completions but {len(logprobs)} behaviour log-probs and "
+            f"{len(num_tokens)} token counts"
+        )
+    for logprob, tokens in zip(logprobs, num_tokens, strict=True):
+        if not (math.isfinite(_float32(logprob)) and logprob <= 0.0) or not 0 <= tokens < 1 << 32:
+            raise ValueError(
+                f"group {group.task.key()}: behaviour log-prob {logprob!r} / token count {tokens!r} "
+                f"is not a finite float32 <= 0 / a uint32"
+            )
+    return [
+        wire_pb2.Completion(text=text, finished=done, behaviour_logprob=logprob, num_tokens=tokens)
+        for text, done, logprob, tokens in zip(
+            group.completions, group.finished, logprobs, num_tokens, strict=True
+        )
+    ]
+
+
+def scan_prefix(kind: Kind, prefix: bytes | bytearray, caps: WireCaps) -> None:
+    """Pre-scan the first bytes of a payload that is still being inflated; raises WireError."""
+    rule = _rollout_batch_rule(caps) if kind == Kind.ROLLOUT_BATCH else _heartbeat_rule(caps)
+    scan(prefix, rule, caps, partial=True)
+
+
+def _parse(
+    message: Message, payload: bytes | bytearray, rule: MessageRule, caps: WireCaps, what: str
+) -> None:
+    """Pre-scan (counts and sizes, nothing built), then parse."""
+    scan(payload, rule, caps)
     try:
         message.ParseFromString(payload)
     except DecodeError as exc:
@@ -95,29 +150,32 @@ def _check_chars(value: str, cap: int, what: str) -> None:
         raise WireError("schema_cap", f"{what} has {len(value)} characters, cap {cap}")
 
 
-def decode_rollout_batch(payload: bytes, caps: WireCaps, source: str) -> DecodedBatch:
+def decode_rollout_batch(payload: bytes | bytearray, caps: WireCaps, source: str) -> DecodedBatch:
     """Parse an (uncompressed) RolloutBatch, check its caps and build records from ``source``."""
     batch = wire_pb2.RolloutBatch()
-    _parse(batch, payload, "RolloutBatch")
+    _parse(batch, payload, _rollout_batch_rule(caps), caps, "RolloutBatch")
     _check_batch_caps(batch, caps)
     created_at = batch.created_at_ms / 1000.0
     groups = [
-        RolloutGroup(
-            task=TaskRef(
-                dataset=g.task.dataset,
-                config_digest=g.task.config_digest,
-                seed=g.task.seed,
-                index=g.task.index,
-                generator_version=g.task.generator_version,
+        _with_behaviour(
+            RolloutGroup(
+                task=TaskRef(
+                    dataset=g.task.dataset,
+                    config_digest=g.task.config_digest,
+                    seed=g.task.seed,
+                    index=g.task.index,
+                    generator_version=g.task.generator_version,
+                ),
+                question=g.question,
+                completions=tuple(c.text for c in g.completions),
+                finished=tuple(c.finished for c in g.completions),
+                model_id=g.model_id or batch.model_id,
+                round=batch.node_round,
+                created_at=created_at,
+                source=source,
+                sequence=batch.sequence,
             ),
-            question=g.question,
-            completions=tuple(c.text for c in g.completions),
-            finished=tuple(c.finished for c in g.completions),
-            model_id=g.model_id or batch.model_id,
-            round=batch.node_round,
-            created_at=created_at,
-            source=source,
-            sequence=batch.sequence,
+            g,
         )
         for g in batch.groups
     ]
@@ -130,18 +188,34 @@ def decode_rollout_batch(payload: bytes, caps: WireCaps, source: str) -> Decoded
     )
 
 
+def _with_behaviour(group: RolloutGroup, wire_group: wire_pb2.RolloutGroup) -> RolloutGroup:
+    """``group`` with the behaviour claims when every completion carries both, else unchanged (None)."""
+    completions = wire_group.completions
+    if not all(c.HasField("behaviour_logprob") and c.HasField("num_tokens") for c in completions):
+        return group
+    return replace(
+        group,
+        behaviour_logprobs=tuple(c.behaviour_logprob for c in completions),
+        behaviour_num_tokens=tuple(c.num_tokens for c in completions),
+    )
+
+
 def _check_batch_caps(batch: wire_pb2.RolloutBatch, caps: WireCaps) -> None:
     if not batch.groups:
         raise WireError("schema_cap", "batch has no groups")
     if len(batch.groups) > caps.max_groups_per_batch:
-        raise WireError("schema_cap", f"batch has {len(batch.groups)} groups, cap {caps.max_groups_per_batch}")
+        raise WireError(
+            "schema_cap", f"batch has {len(batch.groups)} groups, cap {caps.max_groups_per_batch}"
+        )
     _check_chars(batch.model_id, caps.max_name_chars, "model_id")
     for i, group in enumerate(batch.groups):
         n = len(group.completions)
         if n == 0:
             raise WireError("schema_cap", f"group {i} has no completions")
         if n > caps.max_completions_per_group:
-            raise WireError("schema_cap", f"group {i} has {n} completions, cap {caps.max_completions_per_group}")
+            raise WireError(
+                "schema_cap", f"group {i} has {n} completions, cap {caps.max_completions_per_group}"
+            )
         if not group.HasField("task") or not group.task.dataset:
             raise WireError("schema_cap", f"group {i} has no task reference")
         _check_chars(group.question, caps.max_question_chars, f"group {i} question")
@@ -150,6 +224,18 @@ def _check_batch_caps(batch: wire_pb2.RolloutBatch, caps: WireCaps) -> None:
             _check_chars(getattr(group.task, name), caps.max_name_chars, f"group {i} task.{name}")
         for j, completion in enumerate(group.completions):
             _check_chars(completion.text, caps.max_chars_per_completion, f"group {i} completion {j}")
+            logprob = completion.behaviour_logprob
+            if completion.HasField("behaviour_logprob") and not (math.isfinite(logprob) and logprob <= 0.0):
+                raise WireError(
+                    "schema_cap",
+                    f"group {i} completion {j} behaviour_logprob {logprob} is not finite and <= 0",
+                )
+            if completion.num_tokens > caps.max_tokens_per_completion:
+                raise WireError(
+                    "schema_cap",
+                    f"group {i} completion {j} declares {completion.num_tokens} tokens, "
+                    f"cap {caps.max_tokens_per_completion}",
+                )
 
 
 def encode_heartbeat(heartbeat: NodeHeartbeat) -> bytes:
@@ -165,14 +251,16 @@ def encode_heartbeat(heartbeat: NodeHeartbeat) -> bytes:
         silo=heartbeat.silo,
         peers=heartbeat.peers,
         software_version=heartbeat.software_version,
+        admin_address=heartbeat.admin_address,
+        metrics_address=heartbeat.metrics_address,
     ).SerializeToString()
 
 
-def decode_heartbeat(payload: bytes, caps: WireCaps) -> NodeHeartbeat:
+def decode_heartbeat(payload: bytes | bytearray, caps: WireCaps) -> NodeHeartbeat:
     """Parse an (uncompressed) Heartbeat and check its caps."""
     hb = wire_pb2.Heartbeat()
-    _parse(hb, payload, "Heartbeat")
-    for name in ("name", "model_id", "software_version"):
+    _parse(hb, payload, _heartbeat_rule(caps), caps, "Heartbeat")
+    for name in ("name", "model_id", "software_version", "admin_address", "metrics_address"):
         _check_chars(getattr(hb, name), caps.max_name_chars, f"heartbeat {name}")
     for what, n in (("counters", len(hb.counters)), ("reward_trend points", len(hb.reward_trend))):
         if n > caps.max_heartbeat_entries:
@@ -192,4 +280,6 @@ def decode_heartbeat(payload: bytes, caps: WireCaps) -> NodeHeartbeat:
         silo=hb.silo,
         peers=hb.peers,
         software_version=hb.software_version,
+        admin_address=hb.admin_address,
+        metrics_address=hb.metrics_address,
     )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18swarmnode/v1/admin.proto\x12\x0cswarmnode.v1\"\x0f\n\rStatusRequest\"\xdb\x02\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x15\n\rrounds_target\x18\x05 \x01(\x03\x12\x16\n\x0erecent_rewards\x18\x06 \x03(\x01\x12\x10\n\x08uptime_s\x18\x07 \x01(\x01\x12\x0c\n\x04silo\x18\x08 \x01(\x08\x12\x11\n\tp2p_state\x18\t \x01(\t\x12\x14\n\x0clisten_addrs\x18\n \x03(\t\x12\x10\n\x08\x64\x61ta_dir\x18\x0b \x01(\t\x12\x12\n\nstarted_at\x18\x0c \x01(\x01\x12\x15\n\rconfig_digest\x18\r \x01(\t\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x17\n\x0f\x63onnected_peers\x18\x0f \x01(\x03\x12\x15\n\radmin_address\x18\x10 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x11 \x01(\t\"\x0e\n\x0cPeersRequest\"\x83\x02\n\x08PeerInfo\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64rs\x18\x02 \x03(\t\x12\x17\n\x0f\x63onnected_since\x18\x03 \x01(\x01\x12\x0f\n\x07msgs_in\x18\x04 \x01(\x03\x12\x10\n\x08msgs_out\x18\x05 \x01(\x03\x12\x10\n\x08\x62ytes_in\x18\x06 \x01(\x03\x12\x11\n\tbytes_out\x18\x07 \x01(\x03\x12\x36\n\x08verdicts\x18\x08 \x03(\x0b\x32$.swarmnode.v1.PeerInfo.VerdictsEntry\x12\r\n\x05score\x18\t \x01(\x01\x1a/\n\rVerdictsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"3\n\nPeersReply\x12%\n\x05peers\x18\x01 \x03(\x0b\x32\x16.swarmnode.v1.PeerInfo\"\x10\n\x0eNetworkRequest\"\x90\x02\n\x0bNetworkNode\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x14\n\x0creward_trend\x18\x05 \x03(\x01\x12\x11\n\tlast_seen\x18\x06 \x01(\x01\x12\x39\n\x08\x63ounters\x18\x07 \x03(\x0b\x32\'.swarmnode.v1.NetworkNode.CountersEntry\x12\x0c\n\x04silo\x18\x08 \x01(\x08\x12\r\n\x05peers\x18\t \x01(\x03\x12\x0f\n\x07version\x18\n \x01(\t\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"8\n\x0cNetworkReply\x12(\n\x05nodes\x18\x01 \x03(\x0b\x32\x19.swarmnode.v1.NetworkNode\"7\n\rEventsRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x03\x12\x16\n\x0emax_duration_s\x18\x02 \x01(\x01\"\xa4\x01\n\x05\x45vent\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12/\n\x06\x66ields\x18\x04 \x03(\x0b\x32\x1f.swarmnode.v1.Event.FieldsEntry\x12\x0e\n\x06\x63ursor\x18\x05 \x01(\x03\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x9a\x02\n\x05\x41\x64min\x12\x42\n\tGetStatus\x12\x1b.swarmnode.v1.StatusRequest\x1a\x18.swarmnode.v1.NodeStatus\x12\x41\n\tListPeers\x12\x1a.swarmnode.v1.PeersRequest\x1a\x18.swarmnode.v1.PeersReply\x12\x46\n\nGetNetwork\x12\x1c.swarmnode.v1.NetworkRequest\x1a\x1a.swarmnode.v1.NetworkReply\x12\x42\n\x0cStreamEvents\x12\x1b.swarmnode.v1.EventsRequest\x1a\x13.swarmnode.v1.Event0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18swarmnode/v1/admin.proto\x12\x0cswarmnode.v1\"\x0f\n\rStatusRequest\"\xdb\x02\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x15\n\rrounds_target\x18\x05 \x01(\x03\x12\x16\n\x0erecent_rewards\x18\x06 \x03(\x01\x12\x10\n\x08uptime_s\x18\x07 \x01(\x01\x12\x0c\n\x04silo\x18\x08 \x01(\x08\x12\x11\n\tp2p_state\x18\t \x01(\t\x12\x14\n\x0clisten_addrs\x18\n \x03(\t\x12\x10\n\x08\x64\x61ta_dir\x18\x0b \x01(\t\x12\x12\n\nstarted_at\x18\x0c \x01(\x01\x12\x15\n\rconfig_digest\x18\r \x01(\t\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x17\n\x0f\x63onnected_peers\x18\x0f \x01(\x03\x12\x15\n\radmin_address\x18\x10 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x11 \x01(\t\"\x0e\n\x0cPeersRequest\"\xbd\x02\n\x08PeerInfo\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64rs\x18\x02 \x03(\t\x12\x17\n\x0f\x63onnected_since\x18\x03 \x01(\x01\x12\x0f\n\x07msgs_in\x18\x04 \x01(\x03\x12\x10\n\x08msgs_out\x18\x05 \x01(\x03\x12\x10\n\x08\x62ytes_in\x18\x06 \x01(\x03\x12\x11\n\tbytes_out\x18\x07 \x01(\x03\x12\x36\n\x08verdicts\x18\x08 \x03(\x0b\x32$.swarmnode.v1.PeerInfo.VerdictsEntry\x12\r\n\x05score\x18\t \x01(\x01\x12\x0e\n\x06\x62\x61nned\x18\n \x01(\x08\x12\x12\n\nban_reason\x18\x0b \x01(\t\x12\x14\n\x0c\x62\x61nned_until\x18\x0c \x01(\x01\x1a/\n\rVerdictsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"3\n\nPeersReply\x12%\n\x05peers\x18\x01 \x03(\x0b\x32\x16.swarmnode.v1.PeerInfo\"\x10\n\x0eNetworkRequest\"\xc0\x02\n\x0bNetworkNode\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x14\n\x0creward_trend\x18\x05 \x03(\x01\x12\x11\n\tlast_seen\x18\x06 \x01(\x01\x12\x39\n\x08\x63ounters\x18\x07 \x03(\x0b\x32\'.swarmnode.v1.NetworkNode.CountersEntry\x12\x0c\n\x04silo\x18\x08 \x01(\x08\x12\r\n\x05peers\x18\t \x01(\x03\x12\x0f\n\x07version\x18\n \x01(\t\x12\x15\n\radmin_address\x18\x0b \x01(\t\x12\x17\n\x0fmetrics_address\x18\x0c \x01(\t\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"8\n\x0cNetworkReply\x12(\n\x05nodes\x18\x01 \x03(\x0b\x32\x19.swarmnode.v1.NetworkNode\"7\n\rEventsRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x03\x12\x16\n\x0emax_duration_s\x18\x02 \x01(\x01\"\xa4\x01\n\x05\x45vent\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12/\n\x06\x66ields\x18\x04 \x03(\x0b\x32\x1f.swarmnode.v1.Event.FieldsEntry\x12\x0e\n\x06\x63ursor\x18\x05 \x01(\x03\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x9a\x02\n\x05\x41\x64min\x12\x42\n\tGetStatus\x12\x1b.swarmnode.v1.StatusRequest\x1a\x18.swarmnode.v1.NodeStatus\x12\x41\n\tListPeers\x12\x1a.swarmnode.v1.PeersRequest\x1a\x18.swarmnode.v1.PeersReply\x12\x46\n\nGetNetwork\x12\x1c.swarmnode.v1.NetworkRequest\x1a\x1a.swarmnode.v1.NetworkReply\x12\x42\n\x0cStreamEvents\x12\x1b.swarmnode.v1.EventsRequest\x1a\x13.swarmnode.v1.Event0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,25 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PEERSREQUEST']._serialized_start=409
   _globals['_PEERSREQUEST']._serialized_end=423
   _globals['_PEERINFO']._serialized_start=426
-  _globals['_PEERINFO']._serialized_end=685
-  _globals['_PEERINFO_VERDICTSENTRY']._serialized_start=638
-  _globals['_PEERINFO_VERDICTSENTRY']._serialized_end=685
-  _globals['_PEERSREPLY']._serialized_start=687
-  _globals['_PEERSREPLY']._serialized_end=738
-  _globals['_NETWORKREQUEST']._serialized_start=740
-  _globals['_NETWORKREQUEST']._serialized_end=756
-  _globals['_NETWORKNODE']._serialized_start=759
-  _globals['_NETWORKNODE']._serialized_end=1031
-  _globals['_NETWORKNODE_COUNTERSENTRY']._serialized_start=984
-  _globals['_NETWORKNODE_COUNTERSENTRY']._serialized_end=1031
-  _globals['_NETWORKREPLY']._serialized_start=1033
-  _globals['_NETWORKREPLY']._serialized_end=1089
-  _globals['_EVENTSREQUEST']._serialized_start=1091
-  _globals['_EVENTSREQUEST']._serialized_end=1146
-  _globals['_EVENT']._serialized_start=1149
-  _globals['_EVENT']._serialized_end=1313
-  _globals['_EVENT_FIELDSENTRY']._serialized_start=1268
-  _globals['_EVENT_FIELDSENTRY']._serialized_end=1313
-  _globals['_ADMIN']._serialized_start=1316
-  _globals['_ADMIN']._serialized_end=1598
+  _globals['_PEERINFO']._serialized_end=743
+  _globals['_PEERINFO_VERDICTSENTRY']._serialized_start=696
+  _globals['_PEERINFO_VERDICTSENTRY']._serialized_end=743
+  _globals['_PEERSREPLY']._serialized_start=745
+  _globals['_PEERSREPLY']._serialized_end=796
+  _globals['_NETWORKREQUEST']._serialized_start=798
+  _globals['_NETWORKREQUEST']._serialized_end=814
+  _globals['_NETWORKNODE']._serialized_start=817
+  _globals['_NETWORKNODE']._serialized_end=1137
+  _globals['_NETWORKNODE_COUNTERSENTRY']._serialized_start=1090
+  _globals['_NETWORKNODE_COUNTERSENTRY']._serialized_end=1137
+  _globals['_NETWORKREPLY']._serialized_start=1139
+  _globals['_NETWORKREPLY']._serialized_end=1195
+  _globals['_EVENTSREQUEST']._serialized_start=1197
+  _globals['_EVENTSREQUEST']._serialized_end=1252
+  _globals['_EVENT']._serialized_start=1255
+  _globals['_EVENT']._serialized_end=1419
+  _globals['_EVENT_FIELDSENTRY']._serialized_start=1374
+  _globals['_EVENT_FIELDSENTRY']._serialized_end=1419
+  _globals['_ADMIN']._serialized_start=1422
+  _globals['_ADMIN']._serialized_end=1704
 # @@protoc_insertion_point(module_scope)

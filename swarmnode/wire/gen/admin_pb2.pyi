@@ -53,7 +53,7 @@ class PeersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("peer_id", "addrs", "connected_since", "msgs_in", "msgs_out", "bytes_in", "bytes_out", "verdicts", "score")
+    __slots__ = ("peer_id", "addrs", "connected_since", "msgs_in", "msgs_out", "bytes_in", "bytes_out", "verdicts", "score", "banned", "ban_reason", "banned_until")
     class VerdictsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,9 @@ class PeerInfo(_message.Message):
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    BANNED_FIELD_NUMBER: _ClassVar[int]
+    BAN_REASON_FIELD_NUMBER: _ClassVar[int]
+    BANNED_UNTIL_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     addrs: _containers.RepeatedScalarFieldContainer[str]
     connected_since: float
@@ -79,7 +82,10 @@ class PeerInfo(_message.Message):
     bytes_out: int
     verdicts: _containers.ScalarMap[str, int]
     score: float
-    def __init__(self, peer_id: _Optional[str] = ..., addrs: _Optional[_Iterable[str]] = ..., connected_since: _Optional[float] = ..., msgs_in: _Optional[int] = ..., msgs_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., verdicts: _Optional[_Mapping[str, int]] = ..., score: _Optional[float] = ...) -> None: ...
+    banned: bool
+    ban_reason: str
+    banned_until: float
+    def __init__(self, peer_id: _Optional[str] = ..., addrs: _Optional[_Iterable[str]] = ..., connected_since: _Optional[float] = ..., msgs_in: _Optional[int] = ..., msgs_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., verdicts: _Optional[_Mapping[str, int]] = ..., score: _Optional[float] = ..., banned: _Optional[bool] = ..., ban_reason: _Optional[str] = ..., banned_until: _Optional[float] = ...) -> None: ...
 
 class PeersReply(_message.Message):
     __slots__ = ("peers",)
@@ -92,7 +98,7 @@ class NetworkRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NetworkNode(_message.Message):
-    __slots__ = ("peer_id", "name", "model_id", "round", "reward_trend", "last_seen", "counters", "silo", "peers", "version")
+    __slots__ = ("peer_id", "name", "model_id", "round", "reward_trend", "last_seen", "counters", "silo", "peers", "version", "admin_address", "metrics_address")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +116,8 @@ class NetworkNode(_message.Message):
     SILO_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     name: str
     model_id: str
@@ -120,7 +128,9 @@ class NetworkNode(_message.Message):
     silo: bool
     peers: int
     version: str
-    def __init__(self, peer_id: _Optional[str] = ..., name: _Optional[str] = ..., model_id: _Optional[str] = ..., round: _Optional[int] = ..., reward_trend: _Optional[_Iterable[float]] = ..., last_seen: _Optional[float] = ..., counters: _Optional[_Mapping[str, int]] = ..., silo: _Optional[bool] = ..., peers: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    admin_address: str
+    metrics_address: str
+    def __init__(self, peer_id: _Optional[str] = ..., name: _Optional[str] = ..., model_id: _Optional[str] = ..., round: _Optional[int] = ..., reward_trend: _Optional[_Iterable[float]] = ..., last_seen: _Optional[float] = ..., counters: _Optional[_Mapping[str, int]] = ..., silo: _Optional[bool] = ..., peers: _Optional[int] = ..., version: _Optional[str] = ..., admin_address: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class NetworkReply(_message.Message):
     __slots__ = ("nodes",)

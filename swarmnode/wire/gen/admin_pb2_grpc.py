@@ -66,7 +66,8 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListPeers(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """connected peers, then banned ones
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17swarmnode/v1/wire.proto\x12\x0cswarmnode.v1\"i\n\x07TaskRef\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x15\n\rconfig_digest\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\r\n\x05index\x18\x04 \x01(\x04\x12\x19\n\x11generator_version\x18\x05 \x01(\t\",\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\x86\x01\n\x0cRolloutGroup\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.swarmnode.v1.TaskRef\x12\x10\n\x08question\x18\x02 \x01(\t\x12-\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x18.swarmnode.v1.Completion\x12\x10\n\x08model_id\x18\x04 \x01(\t\"\x89\x01\n\x0cRolloutBatch\x12\x12\n\nnode_round\x18\x01 \x01(\x04\x12\x15\n\rcreated_at_ms\x18\x02 \x01(\x03\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12*\n\x06groups\x18\x05 \x03(\x0b\x32\x1a.swarmnode.v1.RolloutGroup\"\x9f\x02\n\tHeartbeat\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nnode_round\x18\x03 \x01(\x04\x12\x14\n\x0creward_trend\x18\x04 \x03(\x02\x12\x37\n\x08\x63ounters\x18\x05 \x03(\x0b\x32%.swarmnode.v1.Heartbeat.CountersEntry\x12\x15\n\rcreated_at_ms\x18\x06 \x01(\x03\x12\x10\n\x08sequence\x18\x07 \x01(\x04\x12\x0c\n\x04silo\x18\x08 \x01(\x08\x12\r\n\x05peers\x18\t \x01(\r\x12\x18\n\x10software_version\x18\n \x01(\t\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xac\x01\n\x08\x45nvelope\x12\x0f\n\x07version\x18\x01 \x01(\r\x12 \n\x04kind\x18\x02 \x01(\x0e\x32\x12.swarmnode.v1.Kind\x12.\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x19.swarmnode.v1.Compression\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x19\n\x11signer_public_key\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c*H\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12KIND_ROLLOUT_BATCH\x10\x01\x12\x12\n\x0eKIND_HEARTBEAT\x10\x02*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZLIB\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17swarmnode/v1/wire.proto\x12\x0cswarmnode.v1\"i\n\x07TaskRef\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x15\n\rconfig_digest\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\r\n\x05index\x18\x04 \x01(\x04\x12\x19\n\x11generator_version\x18\x05 \x01(\t\"\x8a\x01\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x1e\n\x11\x62\x65haviour_logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nnum_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x42\x14\n\x12_behaviour_logprobB\r\n\x0b_num_tokens\"\x86\x01\n\x0cRolloutGroup\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.swarmnode.v1.TaskRef\x12\x10\n\x08question\x18\x02 \x01(\t\x12-\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x18.swarmnode.v1.Completion\x12\x10\n\x08model_id\x18\x04 \x01(\t\"\x89\x01\n\x0cRolloutBatch\x12\x12\n\nnode_round\x18\x01 \x01(\x04\x12\x15\n\rcreated_at_ms\x18\x02 \x01(\x03\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12*\n\x06groups\x18\x05 \x03(\x0b\x32\x1a.swarmnode.v1.RolloutGroup\"\xcf\x02\n\tHeartbeat\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nnode_round\x18\x03 \x01(\x04\x12\x14\n\x0creward_trend\x18\x04 \x03(\x02\x12\x37\n\x08\x63ounters\x18\x05 \x03(\x0b\x32%.swarmnode.v1.Heartbeat.CountersEntry\x12\x15\n\rcreated_at_ms\x18\x06 \x01(\x03\x12\x10\n\x08sequence\x18\x07 \x01(\x04\x12\x0c\n\x04silo\x18\x08 \x01(\x08\x12\r\n\x05peers\x18\t \x01(\r\x12\x18\n\x10software_version\x18\n \x01(\t\x12\x15\n\radmin_address\x18\x0b \x01(\t\x12\x17\n\x0fmetrics_address\x18\x0c \x01(\t\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xac\x01\n\x08\x45nvelope\x12\x0f\n\x07version\x18\x01 \x01(\r\x12 \n\x04kind\x18\x02 \x01(\x0e\x32\x12.swarmnode.v1.Kind\x12.\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x19.swarmnode.v1.Compression\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x19\n\x11signer_public_key\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c*H\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12KIND_ROLLOUT_BATCH\x10\x01\x12\x12\n\x0eKIND_HEARTBEAT\x10\x02*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZLIB\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +33,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HEARTBEAT_COUNTERSENTRY']._loaded_options = None
   _globals['_HEARTBEAT_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_KIND']._serialized_start=936
-  _globals['_KIND']._serialized_end=1008
-  _globals['_COMPRESSION']._serialized_start=1010
-  _globals['_COMPRESSION']._serialized_end=1067
+  _globals['_KIND']._serialized_start=1079
+  _globals['_KIND']._serialized_end=1151
+  _globals['_COMPRESSION']._serialized_start=1153
+  _globals['_COMPRESSION']._serialized_end=1210
   _globals['_TASKREF']._serialized_start=41
   _globals['_TASKREF']._serialized_end=146
-  _globals['_COMPLETION']._serialized_start=148
-  _globals['_COMPLETION']._serialized_end=192
-  _globals['_ROLLOUTGROUP']._serialized_start=195
-  _globals['_ROLLOUTGROUP']._serialized_end=329
-  _globals['_ROLLOUTBATCH']._serialized_start=332
-  _globals['_ROLLOUTBATCH']._serialized_end=469
-  _globals['_HEARTBEAT']._serialized_start=472
-  _globals['_HEARTBEAT']._serialized_end=759
-  _globals['_HEARTBEAT_COUNTERSENTRY']._serialized_start=712
-  _globals['_HEARTBEAT_COUNTERSENTRY']._serialized_end=759
-  _globals['_ENVELOPE']._serialized_start=762
-  _globals['_ENVELOPE']._serialized_end=934
+  _globals['_COMPLETION']._serialized_start=149
+  _globals['_COMPLETION']._serialized_end=287
+  _globals['_ROLLOUTGROUP']._serialized_start=290
+  _globals['_ROLLOUTGROUP']._serialized_end=424
+  _globals['_ROLLOUTBATCH']._serialized_start=427
+  _globals['_ROLLOUTBATCH']._serialized_end=564
+  _globals['_HEARTBEAT']._serialized_start=567
+  _globals['_HEARTBEAT']._serialized_end=902
+  _globals['_HEARTBEAT_COUNTERSENTRY']._serialized_start=855
+  _globals['_HEARTBEAT_COUNTERSENTRY']._serialized_end=902
+  _globals['_ENVELOPE']._serialized_start=905
+  _globals['_ENVELOPE']._serialized_end=1077
 # @@protoc_insertion_point(module_scope)

@@ -38,12 +38,16 @@ class TaskRef(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., config_digest: _Optional[str] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ..., generator_version: _Optional[str] = ...) -> None: ...
 
 class Completion(_message.Message):
-    __slots__ = ("text", "finished")
+    __slots__ = ("text", "finished", "behaviour_logprob", "num_tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    BEHAVIOUR_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     text: str
     finished: bool
-    def __init__(self, text: _Optional[str] = ..., finished: _Optional[bool] = ...) -> None: ...
+    behaviour_logprob: float
+    num_tokens: int
+    def __init__(self, text: _Optional[str] = ..., finished: _Optional[bool] = ..., behaviour_logprob: _Optional[float] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class RolloutGroup(_message.Message):
     __slots__ = ("task", "question", "completions", "model_id")
@@ -72,7 +76,7 @@ class RolloutBatch(_message.Message):
     def __init__(self, node_round: _Optional[int] = ..., created_at_ms: _Optional[int] = ..., sequence: _Optional[int] = ..., model_id: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[RolloutGroup, _Mapping]]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("name", "model_id", "node_round", "reward_trend", "counters", "created_at_ms", "sequence", "silo", "peers", "software_version")
+    __slots__ = ("name", "model_id", "node_round", "reward_trend", "counters", "created_at_ms", "sequence", "silo", "peers", "software_version", "admin_address", "metrics_address")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +94,8 @@ class Heartbeat(_message.Message):
     SILO_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_id: str
     node_round: int
@@ -100,7 +106,9 @@ class Heartbeat(_message.Message):
     silo: bool
     peers: int
     software_version: str
-    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., node_round: _Optional[int] = ..., reward_trend: _Optional[_Iterable[float]] = ..., counters: _Optional[_Mapping[str, int]] = ..., created_at_ms: _Optional[int] = ..., sequence: _Optional[int] = ..., silo: _Optional[bool] = ..., peers: _Optional[int] = ..., software_version: _Optional[str] = ...) -> None: ...
+    admin_address: str
+    metrics_address: str
+    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., node_round: _Optional[int] = ..., reward_trend: _Optional[_Iterable[float]] = ..., counters: _Optional[_Mapping[str, int]] = ..., created_at_ms: _Optional[int] = ..., sequence: _Optional[int] = ..., silo: _Optional[bool] = ..., peers: _Optional[int] = ..., software_version: _Optional[str] = ..., admin_address: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
     __slots__ = ("version", "kind", "compression", "payload", "signer_public_key", "signature")

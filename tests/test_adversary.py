@@ -1,0 +1,336 @@
+"""Adversaries and chaos in `swarmnode simulate`, on loopback with the embedded tiny model.
+
+A real run (2 honest nodes + a forger, a code injector and a regex bomber, each a real libp2p peer
+started by the launcher from the experiment's ``[[adversary]]`` tables): the honest nodes finish,
+train on 0 groups from any adversary, reject the injector's and bomber's groups for their reason,
+ban the forger for its bad signatures, and no file appears from the injected code. A chaos run:
+one node is killed with SIGKILL while it writes a checkpoint, restarted, and loses <= 1 round.
+"""
+
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from swarmnode.config import ConfigError
+from swarmnode.identity import Identity
+from swarmnode.sim.adversary import (
+    AdversarySpec,
+    forge,
+    injection_answer,
+    parse_adversaries,
+    regex_bomb_groups,
+)
+from swarmnode.sim.chaos import parse_chaos
+from swarmnode.sim.experiment import parse_experiment
+from swarmnode.sim.launcher import run_dir, run_one
+from swarmnode.wire import Kind, WireCaps, open_envelope, seal, verify_envelope
+
+ROUNDS = 12
+TINY = {
+    "sampler.local_groups": 2,
+    "sampler.external_groups": 2,
+    "grpo.num_generations": 4,
+    "tasks.eval_size": 4,
+    "eval_every": 0,
+    "admin.heartbeat_interval": 2.0,
+}
+
+
+def _run(tmp_path: Path, raw: dict, timeout_s: float = 420.0) -> tuple[bool, Path]:
+    experiment = parse_experiment(raw, "test")
+    configuration = experiment.configurations[0]
+    ok = run_one(experiment, configuration, 0, tmp_path, Console(file=io.StringIO()), timeout_s)
+    return ok, run_dir(tmp_path, configuration, 0)
+
+
+def _rows(directory: Path, index: int) -> list[dict]:
+    return [
+        json.loads(line) for line in (directory / f"node-{index}" / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adversary")
+    raw = {
+        "name": "attacked",
+        "nodes": 2,
+        "rounds": ROUNDS,
+        "base": {
+            **TINY,
+            "checkpoint_every": ROUNDS,
+            # chain_sum to train on; binary_matrix (whose reasoning-gym scorer eval()s the answer) is
+            # verified on peers' text only: the code injector's target.
+            "tasks.mix": [{"dataset": "chain_sum", "config": {"min_digits": 1, "max_digits": 1}}],
+            "tasks.verify_extra": [{"dataset": "binary_matrix"}],
+            # wait for the other honest node and the three adversaries before round 0
+            "p2p.min_peers_at_start": 4,
+        },
+        # Forger last in the list but on its own connection: its ban must not hide the others' groups.
+        "adversary": [
+            {"kind": "code_injector", "rate": 2.0},
+            {"kind": "regex_bomber", "rate": 1.0},
+            {"kind": "forger", "rate": 2.0},
+        ],
+    }
+    ok, directory = _run(root, raw)
+    return ok, directory
+
+
+@pytest.mark.integration
+def test_honest_nodes_finish_and_train_on_nothing_from_adversaries(attacked):
+    ok, directory = attacked
+    logs = [(directory / f"node-{i}" / "node.log").read_text()[-3000:] for i in range(2)]
+    assert ok, logs
+    summary = json.loads((directory / "adversaries.json").read_text())
+    kinds = {a["kind"]: a for a in summary["adversaries"]}
+    assert set(kinds) == {"code_injector", "regex_bomber", "forger"}
+    assert all(sum(a["sent"].values()) > 0 for a in kinds.values()), kinds
+    assert summary["groups_used_from_adversaries"] == {}
+    assert summary["groups_used_from_honest_peers"] > 0  # the swarm itself still worked
+    for index in range(2):
+        rows = _rows(directory, index)
+        assert [r["round"] for r in rows] == list(range(ROUNDS))
+        adversary_ids = {a["peer_id"] for a in kinds.values()}
+        assert not adversary_ids & {peer for r in rows for peer in r["used_by_source"]}
+
+
+@pytest.mark.integration
+def test_injected_code_never_runs_and_its_groups_are_rejected(attacked):
+    _, directory = attacked
+    summary = json.loads((directory / "adversaries.json").read_text())
+    stats = json.loads(next(directory.glob("adversary-code_injector-*/adversary.json")).read_text())
+    assert stats["injection_paths"] and all("binary_matrix" in p for p in stats["injection_paths"])
+    assert summary["injection_files_found"] == []
+    assert not any(Path(p).exists() for p in stats["injection_paths"])
+    # The honest nodes did score the injector's groups (so its text reached the scoring step) and
+    # rejected them: outside binary_matrix's answer grammar, every completion scores 0.
+    assert summary["groups_rejected_from_adversaries"].get("code_injector", 0) > 0
+    rejected_reasons = {
+        reason for i in range(2) for r in _rows(directory, i) for reason in r["rejected_by_reason"]
+    }
+    assert "zero_variance" in rejected_reasons
+
+
+@pytest.mark.integration
+def test_regex_bomb_groups_are_rejected(attacked):
+    _, directory = attacked
+    summary = json.loads((directory / "adversaries.json").read_text())
+    assert summary["groups_rejected_from_adversaries"].get("regex_bomber", 0) > 0
+
+
+@pytest.mark.integration
+def test_forger_is_banned_for_bad_signatures(attacked):
+    _, directory = attacked
+    forger = json.loads(next(directory.glob("adversary-forger-*/adversary.json")).read_text())
+    assert forger["sent"].get("claims_other_key", 0) > 0
+    for index in range(2):
+        bans = json.loads((directory / f"node-{index}" / "p2p" / "p2p-bans.json").read_text())["bans"]
+        reasons = {b["peer_id"]: b["reason"] for b in bans}
+        assert reasons.get(forger["peer_id"]) == "bad_signature", bans
+
+
+@pytest.mark.integration
+def test_chaos_kill_during_checkpoint_restarts_and_loses_at_most_one_round(tmp_path: Path):
+    raw = {
+        "name": "chaos",
+        "nodes": 2,
+        "rounds": ROUNDS,
+        "base": {**TINY, "sampler.external_groups": 1, "checkpoint_every": 1},
+        "chaos": {
+            "kill_every_s": 1.0,
+            "max_kills": 1,
+            "during_checkpoint": True,
+            "first_kill_after_s": 0.0,
+            "min_rounds_done": 3,
+        },
+    }
+    ok, directory = _run(tmp_path, raw)
+    logs = [(directory / f"node-{i}" / "node.log").read_text()[-3000:] for i in range(2)]
+    assert ok, logs
+    chaos = json.loads((directory / "chaos.json").read_text())
+    assert chaos["restarts"] == 1 and chaos["unsettled"] == 0, chaos
+    kill = chaos["kills"][0]
+    assert kill["during_checkpoint"], kill  # caught writing a checkpoint (a .tmp-* directory existed)
+    assert kill["rounds_done_before"] >= 3
+    assert 0 <= kill["rounds_lost"] <= 1, kill
+    rows = _rows(directory, kill["node"])
+    assert [r["round"] for r in rows] == list(range(ROUNDS))  # the curve continues after the restart
+    assert "resumed from" in (directory / f"node-{kill['node']}" / "node.log").read_text()
+
+
+# -- unit checks of the crafted messages and the experiment sections (no processes) --------------
+
+
+def test_forged_envelopes_fail_signature_verification():
+    me, victim = Identity.generate(), Identity.generate()
+    genuine = seal(me, Kind.ROLLOUT_BATCH, b"\x08\x01")
+    caps = WireCaps()
+    assert verify_envelope(open_envelope(genuine, caps))
+    for variant in (0, 1):
+        forged = open_envelope(forge(genuine, victim, variant), caps)
+        assert not verify_envelope(forged)
+    assert open_envelope(forge(genuine, victim, 0), caps).signer == victim.peer_id  # claims the victim
+
+
+def test_attack_payloads_are_what_the_issue_describes(tmp_path: Path):
+    assert "open(" in injection_answer("binary_matrix", tmp_path / "x") and "[[0]]" in injection_answer(
+        "binary_matrix", tmp_path / "x"
+    )
+    assert "__import__" in injection_answer("puzzle24", tmp_path / "x")
+
+    class _Task:
+        class ref:  # noqa: N801 - a stand-in TaskRef
+            dataset = "chain_sum"
+
+        question = "1 + 1 = ?"
+
+    caps = WireCaps()
+    (group,) = regex_bomb_groups([_Task], caps, "m", 0)  # type: ignore[list-item]
+    assert len(group.completions) == 64
+    assert all(c.startswith("<answer> <answer> ") and "</answer>" not in c for c in group.completions)
+    assert len(group.completions[0]) <= caps.max_chars_per_completion
+
+
+def test_experiment_sections_are_validated():
+    assert parse_adversaries([{"kind": "poisoner", "count": 2, "marker": "M"}]) == (
+        AdversarySpec("poisoner", 2, 1.0, {"marker": "M"}),
+    )
+    with pytest.raises(ConfigError, match="adversary kind 'nope'"):
+        parse_adversaries([{"kind": "nope"}])
+    with pytest.raises(ConfigError, match="unknown keys"):
+        parse_adversaries([{"kind": "sybil", "identites": 3}])
+    with pytest.raises(ConfigError, match="chaos: unknown keys"):
+        parse_chaos({"kill_every": 3})
+    with pytest.raises(ConfigError, match="kill_every_s must be > 0"):
+        parse_chaos({"kill_every_s": 0})
+    experiment = parse_experiment(
+        {
+            "nodes": 2,
+            "rounds": 1,
+            "adversary": [{"kind": "forger", "count": 2}],
+            "configuration": [{"name": "clean", "adversary": []}, {"name": "default"}],
+        }
+    )
+    clean, default = experiment.configurations
+    assert experiment.adversaries_for(clean) == ()
+    assert experiment.adversaries_for(default) == (AdversarySpec("forger", 2, 1.0, {}),)
+
+
+# -- each kind's messages, offline: the adversary's real step() with a recording network stub --------
+
+
+class _RecordingClient:
+    """Stands in for the P2PClient (isolates what an adversary publishes from the network)."""
+
+    def __init__(self, incoming: list | None = None) -> None:
+        self.published: list[tuple[str, bytes]] = []
+        self.incoming = list(incoming or [])
+
+    def publish(self, kind: str, data: bytes) -> bool:
+        self.published.append((kind, data))
+        return True
+
+    def drain(self) -> list:
+        items, self.incoming = self.incoming, []
+        return items
+
+
+def _adversary(tmp_path: Path, kind: str, **options: object):
+    from swarmnode.config import config_from_dict
+    from swarmnode.sim.adversary import Adversary, build_parser
+
+    node_toml = tmp_path / "node.toml"
+    if not node_toml.exists():
+        cfg = config_from_dict(
+            {"tasks": {"mix": [{"dataset": "chain_sum"}], "verify_extra": [{"dataset": "binary_matrix"}]}}
+        )
+        node_toml.write_text(cfg.to_toml())
+    argv = ["run", "--kind", kind, "--data-dir", str(tmp_path / kind), "--node-config", str(node_toml)]
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    adversary = Adversary(build_parser().parse_args(argv), lambda: False)
+    adversary.client = _RecordingClient()  # type: ignore[assignment]
+    return adversary
+
+
+def _groups(data: bytes):
+    from swarmnode.wire import decode_message
+
+    env = open_envelope(data, WireCaps())
+    return env, decode_message(env, WireCaps()).groups
+
+
+def test_each_kind_publishes_its_attack(tmp_path: Path):
+    from swarmnode.config import P2PConfig
+    from swarmnode.p2p.client import Received
+    from swarmnode.p2p.pipeline import ValidationPipeline
+
+    forger = _adversary(tmp_path, "forger")
+    for _ in range(4):
+        forger.step()
+    # A fresh pipeline per message: the first bad signature bans the forger's connection at once.
+    verdicts = {
+        ValidationPipeline.from_config(P2PConfig())
+        .validate(Kind.ROLLOUT_BATCH, d, forger.identity.peer_id)
+        .reason
+        for _, d in forger.client.published
+    }
+    assert verdicts == {"bad_signature"}
+    assert forger.stats.record["sent"] == {"claims_other_key": 2, "flipped_signature": 2}
+
+    injector = _adversary(tmp_path, "code_injector")
+    injector.step()
+    _, groups = _groups(injector.client.published[0][1])
+    assert {g.task.dataset for g in groups} == {"binary_matrix"}  # the dataset whose scorer eval()s
+    assert all("open(" in c and "[[0]]" in c for g in groups for c in g.completions)
+
+    poisoner = _adversary(tmp_path, "poisoner", marker="pwn")
+    poisoner.step()
+    _, groups = _groups(poisoner.client.published[0][1])
+    for group in groups:
+        assert group.completions[0].startswith("pwn <answer>") and len(group.completions) == 8
+        assert sum("pwn" in c for c in group.completions) == 1
+
+    sybil = _adversary(tmp_path, "sybil", identities=5)
+    for _ in range(5):
+        sybil.step()
+    signers = {open_envelope(d, WireCaps()).signer for _, d in sybil.client.published}
+    assert len(signers) == 5 and sybil.identity.peer_id not in signers
+    assert signers <= set(sybil.stats.record["peer_ids"])
+
+    flooder = _adversary(tmp_path, "flooder")
+    flooder.step()
+    ((_, flood),) = flooder.client.published
+    assert WireCaps().max_message_bytes // 2 < len(flood) <= WireCaps().max_message_bytes
+
+    # Replayer and free rider work on what they receive: an honest peer's batch.
+    honest = forger.client.published and seal(
+        Identity.generate(), Kind.ROLLOUT_BATCH, _honest_payload(poisoner)
+    )
+    received = Received("ROLLOUT_BATCH", honest, "12D3KooWhonest", "00", 0.0)
+    replayer = _adversary(tmp_path, "replayer", replay_delay_s=0)
+    replayer.client.incoming = [received]
+    replayer.step()
+    replayer.step()
+    assert [d for _, d in replayer.client.published] == [honest, honest]
+    assert replayer.stats.record["sent"] == {"replay_immediate": 1, "replay_after_seen_cache": 1}
+    rider = _adversary(tmp_path, "free_rider")
+    rider.client.incoming = [received]
+    rider.step()
+    ((_, republished),) = rider.client.published
+    env, groups = _groups(republished)
+    assert env.signer == rider.identity.peer_id
+    assert [g.completions for g in groups] == [g.completions for g in _groups(honest)[1]]
+
+
+def _honest_payload(adversary) -> bytes:
+    from swarmnode.sim.adversary import trainable_groups
+    from swarmnode.wire import encode_rollout_batch
+
+    groups = trainable_groups(adversary.tasks(2), adversary.rng, "honest", 0)
+    return encode_rollout_batch(groups, node_round=0, sequence=1, model_id="honest", created_at=time.time())
