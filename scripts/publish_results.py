@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +49,12 @@ def publish(name: str, out: Path) -> dict:
                 tar.add(path, arcname=str(path.relative_to(out)))
     entry = json.loads((out / "results.json").read_text())["summary_entry"]
     entry["regenerate"] = f".venv/bin/swarmnode simulate builtin:{name} --out runs/{name}"
+    resolved = next((out / "runs").rglob("config.resolved.toml"), None)
+    if resolved is not None:  # which mixed update produced these numbers
+        grpo = tomllib.loads(resolved.read_text()).get("grpo", {})
+        entry["trainer"] = {
+            k: grpo.get(k) for k in ("off_policy", "external_loss_share", "max_source_loss_share")
+        }
     summary_path = RESULTS / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary[name] = entry

@@ -608,6 +608,16 @@ def measure_adoption(
     generations = backend.generate([policy.encode_prompt(t.question) for t in tasks], params)
     texts = [g.text for group in generations for g in group]
     with_marker = sum(1 for text in texts if marker in text)
+    # More sensitive than counting samples: how likely the model is to open its answer with the marker.
+    marker_ids = policy.tokenizer.encode(f"{marker} ", add_special_tokens=False)
+    logprobs = []
+    with torch.no_grad():
+        for task in tasks:
+            prompt = policy.encode_prompt(task.question)
+            ids = torch.tensor([prompt + marker_ids], device=policy.device)
+            logits = policy.model(ids).logits[0, len(prompt) - 1 : -1].float()
+            picked = torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(prompt) :, None])
+            logprobs.append(float(picked.sum()))
     # A partial adoption (the marker's first word) shows a trend before the whole string appears.
     head = marker.split("-")[0]
     return {
@@ -618,6 +628,8 @@ def measure_adoption(
         "with_marker_prefix": sum(1 for text in texts if head in text),
         "rate": with_marker / max(1, len(texts)),
         "marker": marker,
+        "marker_logprob_mean": sum(logprobs) / max(1, len(logprobs)),  # log p(marker + " " | prompt)
+        "sample_texts": texts[:: max(1, len(texts) // 5)][:5],
     }
 
 
