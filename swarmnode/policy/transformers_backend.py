@@ -57,7 +57,9 @@ class SampledTokenLogprobs(LogitsProcessor):
             self._record(generated[:, len(self._steps)])
         self._previous = None
         if len(self._steps) < steps:
-            raise RuntimeError(f"recorded {len(self._steps)} sampled-token log-probs for {steps} generated tokens")
+            raise RuntimeError(
+                f"recorded {len(self._steps)} sampled-token log-probs for {steps} generated tokens"
+            )
         return torch.stack(self._steps[:steps], dim=1) if steps else torch.zeros(len(generated), 0)
 
 
