@@ -121,7 +121,12 @@ def run_gossip(n: int, size: int, duration: float, warmup: float, workdir: Path,
     try:
         wait_for_start(start_at)
         pids = [p.pid for p in procs]
-        pids += [e["host_pid"] for i in range(n) for e in read_jsonl(workdir / f"o{i}.jsonl") if e["event"] == "ready"]
+        pids += [
+            e["host_pid"]
+            for i in range(n)
+            for e in read_jsonl(workdir / f"o{i}.jsonl")
+            if e["event"] == "ready"
+        ]
         cpu_before = cpu_seconds(pids)
         time.sleep(duration)
         cpu_s = cpu_seconds(pids) - cpu_before
@@ -137,7 +142,9 @@ def run_gossip(n: int, size: int, duration: float, warmup: float, workdir: Path,
     received = {i: [(e["msg_id"], e["latency_ms"]) for e in ev if e["event"] == "recv" and "latency_ms" in e]
                 for i, ev in events.items()}  # fmt: skip
     result = summarize(sent, received, cpu_s)
-    result["drops"] = {i: next((e["drops"] for e in ev if e["event"] == "status"), None) for i, ev in events.items()}
+    result["drops"] = {
+        i: next((e["drops"] for e in ev if e["event"] == "status"), None) for i, ev in events.items()
+    }
     return result
 
 
@@ -145,7 +152,9 @@ def run_gossip(n: int, size: int, duration: float, warmup: float, workdir: Path,
 HEADER = struct.Struct(">IdQ")  # length, send time, message id
 
 
-async def tcp_node(index: int, ports: list[int], size: int, duration: float, start_at: float, out: Path) -> None:
+async def tcp_node(
+    index: int, ports: list[int], size: int, duration: float, start_at: float, out: Path
+) -> None:
     received: list[tuple[str, float]] = []
     sent: list[str] = []
 
@@ -190,10 +199,24 @@ def run_tcp(n: int, size: int, duration: float, workdir: Path, schedule: str) ->
     ports = [free_port() for _ in range(n)]
     start_at = time.time() + 4.0
     procs = [
-        subprocess.Popen([sys.executable, __file__, "--tcp-node", str(i), "--tcp-ports", ",".join(map(str, ports)),
-                          "--sizes", str(size), "--duration", str(duration),
-                          "--tcp-start-at", f"{start_at + phase(i, n, schedule):.3f}",
-                          "--tcp-out", str(workdir / f"tcp{i}.json")])  # fmt: skip
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--tcp-node",
+                str(i),
+                "--tcp-ports",
+                ",".join(map(str, ports)),
+                "--sizes",
+                str(size),
+                "--duration",
+                str(duration),
+                "--tcp-start-at",
+                f"{start_at + phase(i, n, schedule):.3f}",
+                "--tcp-out",
+                str(workdir / f"tcp{i}.json"),
+            ]
+        )  # fmt: skip
         for i in range(n)
     ]
     wait_for_start(start_at)
@@ -205,7 +228,9 @@ def run_tcp(n: int, size: int, duration: float, workdir: Path, schedule: str) ->
         proc.wait(timeout=duration + 30)
     data = {i: json.loads((workdir / f"tcp{i}.json").read_text()) for i in range(n)}
     return summarize(
-        {i: d["sent"] for i, d in data.items()}, {i: [tuple(r) for r in d["received"]] for i, d in data.items()}, cpu_s
+        {i: d["sent"] for i, d in data.items()},
+        {i: [tuple(r) for r in d["received"]] for i, d in data.items()},
+        cpu_s,
     )
 
 
@@ -220,8 +245,12 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=40.0, help="seconds of publishing per size")
     parser.add_argument("--warmup", type=float, default=12.0, help="seconds for processes to start and mesh")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gossip.json")
-    parser.add_argument("--schedule", choices=["staggered", "synchronized"], default="staggered",
-                        help="publish phases: spread over each second (independent nodes) or all at once (worst case)")
+    parser.add_argument(
+        "--schedule",
+        choices=["staggered", "synchronized"],
+        default="staggered",
+        help="publish phases: spread over each second (independent nodes) or all at once (worst case)",
+    )
     parser.add_argument("--tcp-node", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tcp-ports", help=argparse.SUPPRESS)
     parser.add_argument("--tcp-start-at", type=float, help=argparse.SUPPRESS)
@@ -254,9 +283,18 @@ def main() -> int:
     report = {
         "bench": "gossip",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "config": {"nodes": args.nodes, "rate_msgs_per_s_per_node": 1, "duration_s": args.duration, "sizes": sizes,
-                   "schedule": args.schedule},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "config": {
+            "nodes": args.nodes,
+            "rate_msgs_per_s_per_node": 1,
+            "duration_s": args.duration,
+            "sizes": sizes,
+            "schedule": args.schedule,
+        },
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,8 +41,12 @@ def main() -> int:
     console = stderr_console()
     with tempfile.TemporaryDirectory(prefix="bench-silo-") as tmp:
         tree: dict = {
-            "data_dir": tmp, "seed": args.seed, "rounds": 10**9, "model": {"path": args.model},
-            "p2p": {"enabled": False}, "tasks": {"preset": "easy", "eval_size": 200},
+            "data_dir": tmp,
+            "seed": args.seed,
+            "rounds": 10**9,
+            "model": {"path": args.model},
+            "p2p": {"enabled": False},
+            "tasks": {"preset": "easy", "eval_size": 200},
             "admin": {"metrics_listen": None},
         }
         for item in args.overrides:
@@ -63,7 +67,9 @@ def main() -> int:
                 round_index += 1
                 if cpu >= next_eval:
                     curve.append({"cpu_s": cpu, "round": round_index, "accuracy": rt.evaluate()})
-                    console.print(f"  {cpu:6.0f} CPU s, round {round_index}: accuracy {curve[-1]['accuracy']:.3f}")
+                    console.print(
+                        f"  {cpu:6.0f} CPU s, round {round_index}: accuracy {curve[-1]['accuracy']:.3f}"
+                    )
                     next_eval += args.eval_every_s
             cpu_used, wall_used = time.process_time() - cpu_start, time.perf_counter() - wall_start
             after = rt.evaluate()
@@ -97,8 +103,10 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    console.print(f"accuracy {before:.3f} -> {after:.3f} ({result['accuracy_gain_points']:+.1f} points) "
-                  f"in {round_index} rounds, {cpu_used:.0f} CPU s; wrote {args.out}")
+    console.print(
+        f"accuracy {before:.3f} -> {after:.3f} ({result['accuracy_gain_points']:+.1f} points) "
+        f"in {round_index} rounds, {cpu_used:.0f} CPU s; wrote {args.out}"
+    )
     return 0
 
 

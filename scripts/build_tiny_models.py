@@ -43,9 +43,7 @@ from swarmnode.policy.transformers_backend import TransformersBackend
 from swarmnode.tasks.registry import TaskRegistry
 
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "swarmnode" / "policy" / "embedded"
-QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 console = Console()
 
 
@@ -67,8 +65,21 @@ class TinySpec:
 
 
 SPECS = {
-    "tiny-a": TinySpec("tiny-a", "qwen2", 128, 4, 4, 2, 512, 512, "<|endoftext|>", "<|endoftext|>",
-                       "<|user|>", "<|assistant|>", seed=1),
+    "tiny-a": TinySpec(
+        "tiny-a",
+        "qwen2",
+        128,
+        4,
+        4,
+        2,
+        512,
+        512,
+        "<|endoftext|>",
+        "<|endoftext|>",
+        "<|user|>",
+        "<|assistant|>",
+        seed=1,
+    ),
     "tiny-b": TinySpec("tiny-b", "llama", 96, 6, 4, 2, 256, 384, "</s>", "<pad>", "[Q]", "[A]", seed=2),
 }
 
@@ -106,16 +117,20 @@ def train_tokenizer(spec: TinySpec, corpus: list[str]) -> PreTrainedTokenizerFas
         # Exactly Qwen2Tokenizer's pipeline: AutoTokenizer rebuilds it for model_type qwen2 and would
         # silently replace any other normalizer / pre-tokenizer (ML_NOTES).
         tokenizer.normalizer = normalizers.NFC()
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
         tokenizer_class = "Qwen2Tokenizer"
     else:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
         tokenizer_class = "PreTrainedTokenizerFast"
     tokenizer.decoder = decoders.ByteLevel()
     trainer = BpeTrainer(
@@ -211,7 +226,9 @@ def build(spec: TinySpec, settings: TrainSettings, out_root: Path) -> dict:
         model.eval()
         groups = backend.generate(val_prompts, SamplingParams(n=1, greedy=True, max_new_tokens=12))
         model.train()
-        return sum(easy.score(t, g[0].text) for t, g in zip(validation, groups, strict=True)) / len(validation)
+        return sum(easy.score(t, g[0].text) for t, g in zip(validation, groups, strict=True)) / len(
+            validation
+        )
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -219,10 +236,17 @@ def build(spec: TinySpec, settings: TrainSettings, out_root: Path) -> dict:
     )
     model.train()
     val_acc, loss_value, step = 0.0, float("nan"), 0
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("loss {task.fields[loss]:.3f}  val acc {task.fields[acc]:.2f}"), TimeElapsedColumn()]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f}  val acc {task.fields[acc]:.2f}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=console) as progress:
-        bar = progress.add_task(f"{spec.name} warm start", total=settings.max_steps, loss=loss_value, acc=val_acc)
+        bar = progress.add_task(
+            f"{spec.name} warm start", total=settings.max_steps, loss=loss_value, acc=val_acc
+        )
         for step in range(1, settings.max_steps + 1):
             loss = model(**sft_batch(policy, easy.sample(rng, settings.batch_size))).loss
             optimizer.zero_grad(set_to_none=True)
@@ -250,8 +274,12 @@ def build(spec: TinySpec, settings: TrainSettings, out_root: Path) -> dict:
         "parameters": n_params,
         "vocab_size": len(tokenizer),
         "spec": asdict(spec),
-        "warm_start": {**asdict(settings), "steps": step, "final_loss": round(loss_value, 4),
-                       "validation_accuracy": val_acc},
+        "warm_start": {
+            **asdict(settings),
+            "steps": step,
+            "final_loss": round(loss_value, 4),
+            "validation_accuracy": val_acc,
+        },
         "heldout_greedy_accuracy": heldout,
         "heldout_n": settings.heldout_size,
         "build_seconds": round(build_seconds, 1),
@@ -264,33 +292,35 @@ def build(spec: TinySpec, settings: TrainSettings, out_root: Path) -> dict:
         path.chmod(0o644)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    console.print(f"[bold green]{spec.name}[/]: {step} steps, held-out greedy accuracy "
-                  f"easy {heldout['easy']:.1%} easy-mix {heldout['easy-mix']:.1%}, {build_seconds:.0f} s -> {out}")
+    console.print(
+        f"[bold green]{spec.name}[/]: {step} steps, held-out greedy accuracy "
+        f"easy {heldout['easy']:.1%} easy-mix {heldout['easy-mix']:.1%}, {build_seconds:.0f} s -> {out}"
+    )
     return card
 
 
 def model_readme(card: dict) -> str:
     spec = card["spec"]
     acc = card["heldout_greedy_accuracy"]
-    return f"""# {card['name']}: embedded tiny model
+    return f"""# {card["name"]}: embedded tiny model
 
-A {card['parameters'] / 1e6:.2f} M-parameter {card['architecture']} causal LM (hidden {spec['hidden_size']},
-{spec['num_layers']} layers) with its own {card['vocab_size']}-token byte-level BPE tokenizer, trained
-offline on procedurally generated reasoning-gym text. Load it with `model.path = "embedded:{card['name']}"`.
+A {card["parameters"] / 1e6:.2f} M-parameter {card["architecture"]} causal LM (hidden {spec["hidden_size"]},
+{spec["num_layers"]} layers) with its own {card["vocab_size"]}-token byte-level BPE tokenizer, trained
+offline on procedurally generated reasoning-gym text. Load it with `model.path = "embedded:{card["name"]}"`.
 
 Warm start: supervised on `<answer>N</answer>` targets of the "easy" preset (chain_sum, 2 terms,
-1-2 digits) for {card['warm_start']['steps']} steps, stopped at validation accuracy
->= {card['warm_start']['target_accuracy']:.0%} so that RL has signal and headroom.
+1-2 digits) for {card["warm_start"]["steps"]} steps, stopped at validation accuracy
+>= {card["warm_start"]["target_accuracy"]:.0%} so that RL has signal and headroom.
 
-| held-out greedy accuracy (n={card['heldout_n']}) | value |
+| held-out greedy accuracy (n={card["heldout_n"]}) | value |
 |---|---|
-| easy | {acc['easy']:.1%} |
-| easy-mix | {acc['easy-mix']:.1%} |
+| easy | {acc["easy"]:.1%} |
+| easy-mix | {acc["easy-mix"]:.1%} |
 
-Prompt format (chat template): `{spec['user_token']}<question>{spec['assistant_token']}`; the model answers
-`<answer>N</answer>{spec['eos_token']}`.
+Prompt format (chat template): `{spec["user_token"]}<question>{spec["assistant_token"]}`; the model answers
+`<answer>N</answer>{spec["eos_token"]}`.
 
-Build ({card['build_seconds']} s on the development CPU): `{card['build_command']}`
+Build ({card["build_seconds"]} s on the development CPU): `{card["build_command"]}`
 """
 
 

@@ -44,9 +44,17 @@ def random_tiny_policy(device: str) -> SimpleNamespace:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", pad_token="<pad>")
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, eos_token_id=1, pad_token_id=0,
-        tie_word_embeddings=True, torch_dtype="bfloat16",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=1,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        torch_dtype="bfloat16",
     )
     model = Qwen2ForCausalLM(config).to(device=device, dtype=torch.bfloat16)
     return SimpleNamespace(model=model, tokenizer=tokenizer, model_id="random-tiny-qwen2")
@@ -62,7 +70,10 @@ def load(model_path: str | None, device: str) -> tuple[Any, str]:
         if path:
             return load_policy(ModelConfig(path=path, dtype="bfloat16"), device), path
     except Exception as exc:  # report and fall back: this script checks backends, not loading
-        print(f"load_policy unavailable ({type(exc).__name__}: {exc}); using a random tiny model", file=sys.stderr)
+        print(
+            f"load_policy unavailable ({type(exc).__name__}: {exc}); using a random tiny model",
+            file=sys.stderr,
+        )
     return random_tiny_policy(device), "random-tiny-qwen2"
 
 
@@ -72,9 +83,15 @@ def hf_greedy(policy: Any, prompts: list[list[int]]) -> list[list[int]]:
     outs = []
     for ids in prompts:
         x = torch.tensor([ids], device=policy.model.device)
-        y = policy.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_NEW, do_sample=False,
-                                  eos_token_id=eos, pad_token_id=eos)
-        outs.append(y[0, len(ids):].tolist())
+        y = policy.model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=MAX_NEW,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+        outs.append(y[0, len(ids) :].tolist())
     return outs
 
 
@@ -87,7 +104,7 @@ def update_towards(policy: Any, prompt: list[int], target: list[int], steps: int
     loss = torch.tensor(0.0)
     for _ in range(steps):
         logits = model(x).logits[0, len(prompt) - 1 : -1].float()
-        loss = torch.nn.functional.cross_entropy(logits, x[0, len(prompt):])
+        loss = torch.nn.functional.cross_entropy(logits, x[0, len(prompt) :])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -142,7 +159,11 @@ def main() -> int:
         v_before = [strip_eos(g[0].token_ids, eos) for g in vllm_backend.generate(prompts, greedy)]
         summary["checks"]["vllm_matches_hf_before_update"] = v_before == [strip_eos(b, eos) for b in before]
 
-    target = [40, 41, 42, 43] if source == "random-tiny-qwen2" else policy.tokenizer.encode(" 42", add_special_tokens=False)
+    target = (
+        [40, 41, 42, 43]
+        if source == "random-tiny-qwen2"
+        else policy.tokenizer.encode(" 42", add_special_tokens=False)
+    )
     summary["update_final_loss"] = round(update_towards(policy, prompts[0], target), 4)
     after = hf_greedy(policy, prompts)
     summary["checks"]["hf_generation_changed_after_update"] = after != before

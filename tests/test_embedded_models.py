@@ -27,7 +27,9 @@ def _folder(name: str) -> Path:
 
 
 def _sample_texts() -> list[str]:
-    questions = [t.question for t in TaskRegistry("paper").eval_tasks(27) + TaskRegistry("easy-mix").eval_tasks(10)]
+    questions = [
+        t.question for t in TaskRegistry("paper").eval_tasks(27) + TaskRegistry("easy-mix").eval_tasks(10)
+    ]
     return questions + ["<answer>-1234</answer>", "Ünïcödé ✓ text\n\twith  spaces", "0123456789"]
 
 
@@ -57,7 +59,9 @@ def test_auto_tokenizer_ids_equal_raw_tokenizer_json_ids(name: str) -> None:
     auto = AutoTokenizer.from_pretrained(_folder(name))
     raw = Tokenizer.from_file(str(_folder(name) / "tokenizer.json"))
     for text in _sample_texts():
-        assert auto.encode(text, add_special_tokens=False) == raw.encode(text, add_special_tokens=False).ids, text
+        assert (
+            auto.encode(text, add_special_tokens=False) == raw.encode(text, add_special_tokens=False).ids
+        ), text
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -74,7 +78,9 @@ def test_tiny_models_differ_in_architecture_size_and_tokenizer() -> None:
     assert len(a.tokenizer) != len(b.tokenizer)
     question = TaskRegistry("easy").eval_tasks(1)[0].question
     assert a.encode_prompt(question) != b.encode_prompt(question)
-    assert a.encode_completion("<answer>57</answer>", True) != b.encode_completion("<answer>57</answer>", True)
+    assert a.encode_completion("<answer>57</answer>", True) != b.encode_completion(
+        "<answer>57</answer>", True
+    )
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)

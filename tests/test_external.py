@@ -28,11 +28,19 @@ def _intake(registry: TaskRegistry) -> ExternalIntake:
     return ExternalIntake(registry, _encode, lambda text, done: _encode(text) + ([0] if done else []), 16)
 
 
-def _group(registry: TaskRegistry, completions: list[str], source: str = "peerA", round_: int = 0, seed: int = 1):
+def _group(
+    registry: TaskRegistry, completions: list[str], source: str = "peerA", round_: int = 0, seed: int = 1
+):
     task = registry.sample(random.Random(seed), 1)[0]
     return task, RolloutGroup(
-        task=task.ref, question=task.question, completions=tuple(completions),
-        finished=tuple(True for _ in completions), model_id="m", round=round_, created_at=0.0, source=source,
+        task=task.ref,
+        question=task.question,
+        completions=tuple(completions),
+        finished=tuple(True for _ in completions),
+        model_id="m",
+        round=round_,
+        created_at=0.0,
+        source=source,
     )
 
 
@@ -113,7 +121,9 @@ def test_pool_expires_by_age_and_by_the_senders_round():
     now = [1000.0]
     pool = ExternalPool(SamplerConfig(max_age_s=10, max_round_lag=2, pool_size=64), clock=lambda: now[0])
     pool.add(_scored("a", 0, round_=0, created_at=now[0]))
-    pool.add(_scored("a", 1, round_=5, created_at=now[0]))  # the sender moved on: round 0 is more than 2 behind
+    pool.add(
+        _scored("a", 1, round_=5, created_at=now[0])
+    )  # the sender moved on: round 0 is more than 2 behind
     pool.add(_scored("b", 2, round_=0, created_at=now[0]))
     assert {p.scored.group.question for p in pool.eligible()} == {"q1", "q2"}
     now[0] += 11
@@ -134,7 +144,9 @@ def test_per_source_cap_limits_one_sender():
     candidates = ExternalPool(SamplerConfig())
     for i in range(6):
         candidates.add(_scored("flooder" if i < 5 else "other", i))
-    chosen = select_external("uniform", candidates.eligible(), 4, random.Random(0), SamplerContext(per_source_cap=1))
+    chosen = select_external(
+        "uniform", candidates.eligible(), 4, random.Random(0), SamplerContext(per_source_cap=1)
+    )
     assert sorted(p.source for p in chosen) == ["flooder", "other"]
 
 
@@ -146,7 +158,11 @@ def test_variance_strategy_prefers_high_variance_groups():
 
     def share_of_high(strategy: str) -> float:
         rng = random.Random(0)
-        picks = [p for _ in range(100) for p in select_external(strategy, pool.eligible(), 4, rng, SamplerContext())]
+        picks = [
+            p
+            for _ in range(100)
+            for p in select_external(strategy, pool.eligible(), 4, rng, SamplerContext())
+        ]
         return sum(1 for p in picks if p.scored.reward_std == 0.5) / len(picks)
 
     # Weights 0.55 vs 0.29: about 65 % of picks are high-variance groups; uniform gives about 50 %.

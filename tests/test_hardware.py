@@ -49,7 +49,12 @@ def test_cuda_without_vllm_or_bf16_falls_back_to_transformers_fp16() -> None:
 
 def test_cpu_tiny_model_uses_float32_one_thread_and_64_sequence_batches() -> None:
     choice = choose_runtime(CPU_LAPTOP, cfg())
-    assert (choice.device, choice.dtype, choice.backend, choice.threads) == ("cpu", "float32", "transformers", 1)
+    assert (choice.device, choice.dtype, choice.backend, choice.threads) == (
+        "cpu",
+        "float32",
+        "transformers",
+        1,
+    )
     assert choice.generation_batch_size == 64 // 8
 
 
@@ -68,7 +73,12 @@ def test_explicit_values_override_every_auto_choice() -> None:
         H100_WITH_VLLM,
         cfg(device="cpu", threads=3, model={"dtype": "bfloat16", "backend": "transformers"}),
     )
-    assert (choice.device, choice.dtype, choice.backend, choice.threads) == ("cpu", "bfloat16", "transformers", 3)
+    assert (choice.device, choice.dtype, choice.backend, choice.threads) == (
+        "cpu",
+        "bfloat16",
+        "transformers",
+        3,
+    )
     assert all("set in config" in r for r in choice.reasons if not r.startswith("generation batch"))
 
 

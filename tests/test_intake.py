@@ -197,7 +197,9 @@ def test_node_verifies_only_what_it_will_use_and_reports_over_budget_senders():
 def test_node_with_no_external_groups_verifies_nothing():
     import time
 
-    network = FakeNetwork([("peer-h", [_group("honest", i, created_at=time.time()) for i in range(10)], 0.1, "m1")])
+    network = FakeNetwork(
+        [("peer-h", [_group("honest", i, created_at=time.time()) for i in range(10)], 0.1, "m1")]
+    )
     verifier = Verifier()
     counters = _node(network, verifier, external_groups=0).take_in_external()
     assert counters.received == 10 and verifier.calls == [] and counters.candidates == 10

@@ -12,16 +12,34 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-FAST = ["--set", "tasks.eval_size=16", "--set", "sampler.local_groups=4", "--set", "grpo.num_generations=4",
-        "--set", "checkpoint_every=2"]
-REQUIRED_KEYS = {"round", "reward_mean", "frac_zero_std", "tokens_per_s", "step_seconds", "clip_frac_low",
-                 "clip_frac_high", "entropy", "grad_norm"}
+FAST = [
+    "--set",
+    "tasks.eval_size=16",
+    "--set",
+    "sampler.local_groups=4",
+    "--set",
+    "grpo.num_generations=4",
+    "--set",
+    "checkpoint_every=2",
+]
+REQUIRED_KEYS = {
+    "round",
+    "reward_mean",
+    "frac_zero_std",
+    "tokens_per_s",
+    "step_seconds",
+    "clip_frac_low",
+    "clip_frac_high",
+    "entropy",
+    "grad_norm",
+}
 
 
 def swarmnode(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "swarmnode", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "swarmnode", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def metrics(data_dir: Path) -> list[dict]:
@@ -48,9 +66,26 @@ def test_silo_rounds_write_metrics_and_checkpoints_then_resume(tmp_path: Path):
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "swarmnode", "run", "--silo", "--rounds", "1000",
-                             "--data-dir", str(tmp_path), *FAST, "--set", "checkpoint_every=1000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "swarmnode",
+            "run",
+            "--silo",
+            "--rounds",
+            "1000",
+            "--data-dir",
+            str(tmp_path),
+            *FAST,
+            "--set",
+            "checkpoint_every=1000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 180
         path = tmp_path / "metrics.jsonl"

@@ -31,7 +31,9 @@ pytest.importorskip(
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
-ROUNDS = 10  # rounds of the tiny model take well under a second: start-up dominates
+ROUNDS = (
+    100  # a round of this tiny setup takes ~0.06 s: enough rounds that the nodes' runs overlap by seconds
+)
 EXPERIMENT = f"""
 name = "ray-tiny"
 nodes = 3

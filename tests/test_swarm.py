@@ -27,8 +27,12 @@ EXPERIMENT = {
     "rounds": ROUNDS,
     "seeds": [0],
     "base": {
-        "sampler.local_groups": 4, "sampler.external_groups": 4, "grpo.num_generations": 8,
-        "tasks.eval_size": 16, "checkpoint_every": 5, "admin.heartbeat_interval": 2.0,
+        "sampler.local_groups": 4,
+        "sampler.external_groups": 4,
+        "grpo.num_generations": 8,
+        "tasks.eval_size": 16,
+        "checkpoint_every": 5,
+        "admin.heartbeat_interval": 2.0,
         "p2p.min_peers_at_start": 3,  # the two other honest nodes and the forger
     },
     "node": [{"index": 2, "set": {"model.path": "embedded:tiny-b"}}],  # another model and tokenizer
@@ -49,7 +53,9 @@ def swarm(tmp_path_factory):
     bootstrap = []
     for i in range(3):
         port = (root / f"node-{i}" / "node.toml").read_text().split("/ip4/127.0.0.1/tcp/")[1].split('"')[0]
-        bootstrap.append(f"/ip4/127.0.0.1/tcp/{port}/p2p/{Identity.load(root / f'node-{i}' / 'identity.key').peer_id}")
+        bootstrap.append(
+            f"/ip4/127.0.0.1/tcp/{port}/p2p/{Identity.load(root / f'node-{i}' / 'identity.key').peer_id}"
+        )
     forger_key = root / "forger" / "identity.key"
     forger_key.parent.mkdir()
     forger_id = Identity.load_or_create(forger_key).peer_id
@@ -60,9 +66,17 @@ def swarm(tmp_path_factory):
     ):
         time.sleep(0.5)
     forger = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("forger_node.py")), str(forger_key), str(root / "forger"),
-         "150", *bootstrap],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            str(Path(__file__).with_name("forger_node.py")),
+            str(forger_key),
+            str(root / "forger"),
+            "150",
+            *bootstrap,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
         deadline = time.monotonic() + 400
@@ -76,8 +90,13 @@ def swarm(tmp_path_factory):
             p.log.close()
     metrics = [read_metrics(root / f"node-{i}" / "metrics.jsonl") for i in range(3)]
     logs = [(root / f"node-{i}" / "node.log").read_text() for i in range(3)]
-    return {"metrics": metrics, "logs": logs, "codes": [p.proc.returncode for p in procs], "forger": forger_id,
-            "peer_ids": [Identity.load(root / f"node-{i}" / "identity.key").peer_id for i in range(3)]}
+    return {
+        "metrics": metrics,
+        "logs": logs,
+        "codes": [p.proc.returncode for p in procs],
+        "forger": forger_id,
+        "peer_ids": [Identity.load(root / f"node-{i}" / "identity.key").peer_id for i in range(3)],
+    }
 
 
 def test_every_node_receives_verifies_and_trains_on_external_groups(swarm):
@@ -106,4 +125,7 @@ def test_forged_question_text_is_rejected_counted_and_never_trained_on(swarm):
         assert all(forger not in r["used_by_source"] for r in rows)
         rejected += sum(r["rejected_by_source"].get(forger, 0) for r in rows)
     assert rejected > 0
-    assert sum(r["rejected_by_reason"].get("question_mismatch", 0) for rows in swarm["metrics"] for r in rows) > 0
+    assert (
+        sum(r["rejected_by_reason"].get("question_mismatch", 0) for rows in swarm["metrics"] for r in rows)
+        > 0
+    )

@@ -33,6 +33,7 @@ class SwarmNetwork:
         self.client = P2PClient(cfg.p2p, cfg.key_path, Path(cfg.data_dir) / "p2p")
         self.view = NetworkView(expire_s=max(3 * cfg.admin.heartbeat_interval, 30.0))
         self.decode_errors: Counter[str] = Counter()
+        self.publish_drops: Counter[str] = Counter()  # own groups not published, by reason
         self.rollout_sequence = wire.Sequencer()
         self.heartbeat_sequence = wire.Sequencer()
         # Peers rate-limit every origin (p2p.rate_msgs_per_s); a node whose rounds are faster than
@@ -56,18 +57,47 @@ class SwarmNetwork:
             return 0
         batch, self._pending = self._pending, []
         self._last_publish = now
-        payload = wire.encode_rollout_batch(
-            batch, node_round=node_round, sequence=self.rollout_sequence.next(), model_id=self.model_id,
-            created_at=time.time(),
-        )
-        sealed = wire.seal(self.identity, wire.Kind.ROLLOUT_BATCH, payload)
-        return len(batch) if self.client.publish(wire.Kind.ROLLOUT_BATCH, sealed) else 0
+        sealed, count = self._seal_batch(batch, node_round)
+        return count if sealed is not None and self.client.publish(wire.Kind.ROLLOUT_BATCH, sealed) else 0
+
+    def _seal_batch(self, batch: list[RolloutGroup], node_round: int) -> tuple[bytes | None, int]:
+        """One signed batch under this node's own message cap. Receivers would reject (and penalise)
+        an oversize batch, so the oldest groups are dropped until it fits, and counted."""
+        while batch:
+            payload = wire.encode_rollout_batch(
+                batch,
+                node_round=node_round,
+                sequence=self.rollout_sequence.next(),
+                model_id=self.model_id,
+                created_at=time.time(),
+            )
+            try:
+                sealed = wire.seal(
+                    self.identity,
+                    wire.Kind.ROLLOUT_BATCH,
+                    payload,
+                    max_message_bytes=self.caps.max_message_bytes,
+                )
+                return sealed, len(batch)
+            except wire.WireError as exc:
+                if str(exc.reason) != "oversize":
+                    raise
+                dropped = max(1, len(batch) // 2)
+                self.publish_drops["oversize"] += dropped
+                log.warning(
+                    "batch over the message cap (%s); dropping its %d oldest groups", exc.detail, dropped
+                )
+                batch = batch[dropped:]
+        return None, 0
 
     def publish_heartbeat(self, beat: wire.NodeHeartbeat) -> bool:
         # The host never delivers our own messages back: put ourselves in the view directly.
         self.view.observe(beat, self.identity.peer_id, time.time())
         payload = wire.encode_heartbeat(beat)
-        return self.client.publish(wire.Kind.HEARTBEAT, wire.seal(self.identity, wire.Kind.HEARTBEAT, payload))
+        sealed = wire.seal(
+            self.identity, wire.Kind.HEARTBEAT, payload, max_message_bytes=self.caps.max_message_bytes
+        )
+        return self.client.publish(wire.Kind.HEARTBEAT, sealed)
 
     def receive_rollouts(self) -> Iterator[tuple[str, list[RolloutGroup], float, str]]:
         """(author, groups, gossip latency in s, message id) for each batch that arrived; heartbeats go

@@ -123,17 +123,21 @@ class NodeRuntime:
         self.events.emit("started", f"started at round {start_round}")
 
     def wait_for_peers(self, should_stop: Callable[[], bool]) -> None:
-        """Before round 0, wait (bounded) for p2p.min_peers_at_start peers so a swarm starts in step."""
+        """Before round 0, wait (bounded) for p2p.min_peers_at_start peers in our gossip mesh so a
+        swarm starts in step. A connected peer is not enough: gossipsub only delivers to mesh peers,
+        which it grafts at its next heartbeat, and a fast node could finish its rounds before."""
         wanted = self.cfg.p2p.min_peers_at_start
         if self.network is None or wanted == 0:
             return
         deadline = time.monotonic() + self.cfg.p2p.start_wait_s
         with self.console.status(
-            f"waiting for {wanted} peer(s) (at most {self.cfg.p2p.start_wait_s:.0f} s)..."
+            f"waiting for {wanted} peer(s) in the gossip mesh (at most {self.cfg.p2p.start_wait_s:.0f} s)..."
         ):
             while time.monotonic() < deadline and not should_stop():
-                if len(self.network.status().peers) >= wanted:
-                    self.console.print(f"{len(self.network.status().peers)} peer(s) connected")
+                peers = self.network.status().peers
+                in_mesh = sum(1 for peer in peers if peer.in_mesh)
+                if in_mesh >= wanted:
+                    self.console.print(f"{len(peers)} peer(s) connected, {in_mesh} in the gossip mesh")
                     return
                 time.sleep(0.2)
         self.console.print(

@@ -63,7 +63,9 @@ def embedded_models() -> list[str]:
         return []
     # Skip hidden folders (a build in progress writes `.NAME.building` next to the finished models).
     return sorted(
-        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "config.json").is_file()
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / "config.json").is_file()
     )
 
 
@@ -109,7 +111,9 @@ def _stop_token_ids(model: PreTrainedModel, tokenizer: Any) -> tuple[int, ...]:
         if token is not None and token not in ids:
             ids.append(token)
     if not ids:
-        raise ModelLoadError(f"{model.name_or_path}: neither tokenizer nor generation config defines an EOS token")
+        raise ModelLoadError(
+            f"{model.name_or_path}: neither tokenizer nor generation config defines an EOS token"
+        )
     return tuple(ids)
 
 

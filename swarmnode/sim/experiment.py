@@ -110,7 +110,9 @@ class Experiment:
         try:
             return config_from_dict(tree)
         except ConfigError as exc:
-            raise ConfigError(f"experiment {self.name}, configuration {configuration.name!r}, node {index}: {exc}") from None
+            raise ConfigError(
+                f"experiment {self.name}, configuration {configuration.name!r}, node {index}: {exc}"
+            ) from None
 
 
 def builtin_experiments() -> list[str]:
@@ -172,8 +174,19 @@ def parse_experiment(raw: dict[str, Any], source: str = "") -> Experiment:
         if not isinstance(index, int) or not 0 <= index < nodes:
             raise ConfigError(f"experiment {source}: [[node]] index must be in 0..{nodes - 1}, got {index!r}")
         node_overrides[index] = dict(entry.get("set", {}))
-    unknown = set(raw) - {"name", "nodes", "rounds", "seeds", "base", "configuration", "node", "description",
-                          "placement", "adversary", "chaos"}
+    unknown = set(raw) - {
+        "name",
+        "nodes",
+        "rounds",
+        "seeds",
+        "base",
+        "configuration",
+        "node",
+        "description",
+        "placement",
+        "adversary",
+        "chaos",
+    }
     if unknown:
         raise ConfigError(f"experiment {source}: unknown keys {sorted(unknown)}")
     experiment = Experiment(
@@ -201,4 +214,3 @@ def with_overrides(experiment: Experiment, **changes: Any) -> Experiment:
     if "seeds" in values:
         values["seeds"] = tuple(values["seeds"])
     return Experiment(**{**experiment.__dict__, **values})
-

@@ -145,7 +145,10 @@ def prepare_nodes(
             )
         cfg = cfg.model_copy(update=update)
         path = node_dir / "node.toml"
-        path.write_text(cfg.to_toml())
+        # The node needs its secrets (an admin token) from this file: readable by the owner only.
+        path.unlink(missing_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+            fh.write(cfg.to_toml())
         paths.append(path)
     return paths
 
