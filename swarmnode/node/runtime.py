@@ -115,9 +115,11 @@ class NodeRuntime:
     # -- around each round ---------------------------------------------------------------------
     def announce_start(self, start_round: int) -> None:
         mode = "silo (p2p disabled)" if self.network is None else "swarm"
+        tasks = self.cfg.tasks
+        task_names = "+".join(entry.dataset for entry in tasks.mix) if tasks.mix else tasks.preset
         self.console.print(
             f"[bold]node {self.cfg.name}[/] peer id {self.identity.peer_id} | model {self.policy.model_id} | "
-            f"tasks {self.cfg.tasks.preset} | I/J {self.cfg.sampler.local_groups}/{self.cfg.sampler.external_groups} "
+            f"tasks {task_names} | I/J {self.cfg.sampler.local_groups}/{self.cfg.sampler.external_groups} "
             f"| {mode} | rounds {start_round}->{self.cfg.rounds}"
         )
         self.events.emit("started", f"started at round {start_round}")
