@@ -52,6 +52,7 @@ from typing import IO, Any
 from swarmnode.config import ConfigError, NodeConfig, P2PConfig, config_from_dict
 from swarmnode.identity import Identity
 from swarmnode.rl.records import RolloutGroup
+from swarmnode.sim.processes import terminate_all
 from swarmnode.tasks.reference import TaskRef
 from swarmnode.wire import (
     Kind,
@@ -514,18 +515,15 @@ def start_adversaries(
 
 def stop_adversaries(adversaries: list[AdversaryProcess], grace_s: float = 20.0) -> None:
     """SIGTERM each adversary (it writes its final adversary.json), SIGKILL its group if it lingers."""
+    terminate_all([a.proc for a in adversaries], grace_s, kill=_kill_group)
     for a in adversaries:
-        if a.proc.poll() is None:
-            a.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for a in adversaries:
-        try:
-            a.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(a.proc.pid, signal.SIGKILL)
-            a.proc.wait(timeout=10)
         a.log.close()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the adversary and its libp2p host (it runs in its own process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def adversary_summary(directory: Path) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from swarmnode.sim.placement import (
     plan_placement,
     write_placement_record,
 )
+from swarmnode.sim.processes import terminate_all
 from swarmnode.sim.report import build_report, read_metrics
 
 STOP_GRACE_S = 60.0
@@ -242,16 +243,7 @@ class LocalLauncher:
 
 
 def stop_all(procs: list[NodeProcess], grace_s: float = STOP_GRACE_S) -> None:
-    for p in procs:
-        if p.proc.poll() is None:
-            p.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.proc.kill()
-            p.proc.wait(timeout=10)
+    terminate_all([p.proc for p in procs], grace_s)
 
 
 def progress_table(title: str, procs: list[NodeHandle], rounds: int) -> Table:
