@@ -17,6 +17,7 @@ from rich.console import Console
 
 from swarmnode.config import ConfigError
 from swarmnode.identity import Identity
+from swarmnode.rl.checkpoint import HOLD_ENV
 from swarmnode.sim.adversary import (
     AdversarySpec,
     forge,
@@ -24,6 +25,7 @@ from swarmnode.sim.adversary import (
     parse_adversaries,
     regex_bomb_groups,
 )
+from swarmnode.sim.chaos import node_environment as chaos_node_environment
 from swarmnode.sim.chaos import parse_chaos
 from swarmnode.sim.experiment import parse_experiment
 from swarmnode.sim.launcher import run_dir, run_one
@@ -208,6 +210,12 @@ def test_experiment_sections_are_validated():
         parse_chaos({"kill_every": 3})
     with pytest.raises(ConfigError, match="kill_every_s must be > 0"):
         parse_chaos({"kill_every_s": 0})
+    with pytest.raises(ConfigError, match="checkpoint_hold_s must be between 0 and 10"):
+        parse_chaos({"during_checkpoint": True, "checkpoint_hold_s": 60})
+    # Only a run that kills during checkpoints slows its nodes' saves down.
+    assert chaos_node_environment(parse_chaos({"during_checkpoint": True})) == {HOLD_ENV: "0.5"}
+    assert chaos_node_environment(parse_chaos({"during_checkpoint": False})) == {}
+    assert chaos_node_environment(None) == {}
     experiment = parse_experiment(
         {
             "nodes": 2,

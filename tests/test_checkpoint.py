@@ -116,6 +116,24 @@ def test_failed_save_leaves_previous_latest_intact(tmp_path, monkeypatch):
     assert load_latest_checkpoint(tmp_path).round == 1
 
 
+def test_chaos_hold_keeps_the_save_half_written_while_it_waits(tmp_path, monkeypatch):
+    seen: list[tuple[float, list[str]]] = []
+
+    def record(seconds: float) -> None:  # what a kill during the hold would leave on disk
+        (tmp,) = tmp_path.glob(".tmp-*")
+        seen.append((seconds, sorted(p.name for p in tmp.iterdir())))
+
+    monkeypatch.setattr(ckpt_module.time, "sleep", record)
+    monkeypatch.setenv(ckpt_module.HOLD_ENV, "99")
+    trainer = trained_trainer()
+    save_checkpoint(tmp_path, 1, trainer.model, trainer.optimizer)
+    assert seen == [(ckpt_module.MAX_HOLD_S, ["model"])]  # capped; optimizer and state not yet written
+    assert load_latest_checkpoint(tmp_path).round == 1
+    monkeypatch.delenv(ckpt_module.HOLD_ENV)
+    save_checkpoint(tmp_path, 2, trainer.model, trainer.optimizer)
+    assert len(seen) == 1  # no hold outside a chaos run
+
+
 def test_leftover_of_a_crashed_save_is_ignored_then_cleaned(tmp_path):
     model = tiny_model()
     save_checkpoint(tmp_path, 1, model)

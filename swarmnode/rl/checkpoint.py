@@ -44,6 +44,10 @@ RNG_FILE = "rng.json"
 _ROUND_DIR = re.compile(r"^round-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+# Fault injection for `simulate`'s chaos (sim.chaos, ``during_checkpoint``): hold every save open this
+# many seconds after the model files are written, so a kill lands inside a half-written checkpoint.
+HOLD_ENV = "SWARMNODE_CHECKPOINT_HOLD_S"
+MAX_HOLD_S = 10.0
 
 
 class CheckpointError(RuntimeError):
@@ -109,6 +113,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _hold_for_chaos() -> None:
+    try:
+        hold = float(os.environ.get(HOLD_ENV) or 0.0)
+    except ValueError:
+        return
+    if hold > 0:
+        time.sleep(min(hold, MAX_HOLD_S))
+
+
 def round_dir_name(round_: int) -> str:
     return f"round-{round_:08d}"
 
@@ -149,6 +162,7 @@ def save_checkpoint(
     try:
         tmp.mkdir()
         model.save_pretrained(tmp / MODEL_DIR)
+        _hold_for_chaos()
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         if optimizer is not None:

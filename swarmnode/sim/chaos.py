@@ -5,7 +5,9 @@ its process group (the node and its libp2p host child; each node is started in i
 so the group holds only this simulation's processes), and restarts it at once with the same data
 directory and config, so it resumes from its latest checkpoint. With ``during_checkpoint`` it waits
 (bounded) until the node is writing a checkpoint (a ``checkpoints/.tmp-*`` directory exists) and
-kills it then. Each kill records the node's rounds done before the kill (from ``metrics.jsonl``)
+kills it then; the nodes of such a run hold every checkpoint write open ``checkpoint_hold_s`` after
+the model files are written (rl.checkpoint.HOLD_ENV), so the kill reliably lands in a half-written
+checkpoint instead of racing a write of a few milliseconds. Each kill records the node's rounds done before the kill (from ``metrics.jsonl``)
 and, once the restarted node has logged its start line ("rounds R->N"), the round R it resumed from:
 ``rounds_lost = rounds_done_before - resumed_round``. The record is written to ``chaos.json`` in
 the run directory.
@@ -16,6 +18,7 @@ An experiment enables it with a ``[chaos]`` table (or ``chaos = {...}`` in one c
     kill_every_s = 60          # seconds between kills
     max_kills = 4              # at most this many kills per run
     during_checkpoint = false  # kill while a checkpoint is being written
+    checkpoint_hold_s = 0.5    # with during_checkpoint: how long each save stays half-written
     first_kill_after_s = 30    # let the swarm form first
     min_rounds_done = 1        # only kill nodes that finished this many rounds
     seed = 0
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from swarmnode.config import ConfigError
+from swarmnode.rl.checkpoint import HOLD_ENV, MAX_HOLD_S
 
 CHAOS_FILE = "chaos.json"
 CHECKPOINT_WAIT_S = 120.0  # longest wait for a checkpoint write when killing during one
@@ -50,6 +54,7 @@ class ChaosSpec:
     kill_every_s: float = 60.0
     max_kills: int = 4
     during_checkpoint: bool = False
+    checkpoint_hold_s: float = 0.5
     first_kill_after_s: float = 30.0
     min_rounds_done: int = 1  # kill only nodes that finished this many rounds (a node that trains)
     seed: int = 0
@@ -73,11 +78,23 @@ def parse_chaos(raw: Any, source: str = "") -> ChaosSpec | None:
         raise ConfigError(f"experiment {source}: chaos: {exc}") from None
     if not (isinstance(spec.kill_every_s, int | float) and spec.kill_every_s > 0):
         raise ConfigError(f"experiment {source}: chaos.kill_every_s must be > 0, got {spec.kill_every_s!r}")
+    if not (isinstance(spec.checkpoint_hold_s, int | float) and 0 <= spec.checkpoint_hold_s <= MAX_HOLD_S):
+        raise ConfigError(
+            f"experiment {source}: chaos.checkpoint_hold_s must be between 0 and {MAX_HOLD_S}, "
+            f"got {spec.checkpoint_hold_s!r}"
+        )
     if not isinstance(spec.max_kills, int) or spec.max_kills < 0:
         raise ConfigError(
             f"experiment {source}: chaos.max_kills must be an integer >= 0, got {spec.max_kills!r}"
         )
     return spec
+
+
+def node_environment(spec: ChaosSpec | None) -> dict[str, str]:
+    """Extra environment for the nodes of a run with this chaos (the checkpoint hold), else nothing."""
+    if spec is None or not spec.during_checkpoint or spec.checkpoint_hold_s <= 0:
+        return {}
+    return {HOLD_ENV: str(spec.checkpoint_hold_s)}
 
 
 def rounds_done(metrics: Path) -> int:

@@ -34,6 +34,7 @@ from swarmnode.config import ConfigError, parse_override
 from swarmnode.identity import Identity
 from swarmnode.sim.adversary import AdversaryProcess, adversary_summary, start_adversaries, stop_adversaries
 from swarmnode.sim.chaos import ChaosMonkey
+from swarmnode.sim.chaos import node_environment as chaos_node_environment
 from swarmnode.sim.experiment import Configuration, Experiment, load_experiment, with_overrides
 from swarmnode.sim.placement import (
     Gpu,
@@ -164,10 +165,14 @@ def node_environment(threads: int = 1) -> dict[str, str]:
     }
 
 
-def launch(config_paths: list[Path], placements: list[NodePlacement] | None = None) -> list[NodeProcess]:
+def launch(
+    config_paths: list[Path],
+    placements: list[NodePlacement] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> list[NodeProcess]:
     procs = []
     for index, path in enumerate(config_paths):
-        env = node_environment()
+        env = {**node_environment(), **(extra_env or {})}
         where = "local"
         if placements is not None:
             env.update(placements[index].environment())  # the node sees only its own GPU
@@ -208,16 +213,18 @@ class LocalLauncher:
         placements: list[NodePlacement],
     ) -> list[NodeProcess]:
         paths = prepare_nodes(experiment, configuration, seed, directory, placements)
-        nodes = launch(paths, placements)
         # Adversaries (sim.adversary) and chaos (sim.chaos) of this configuration, if any.
+        chaos = experiment.chaos_for(configuration)
+        chaos_env = chaos_node_environment(chaos)
+        nodes = launch(paths, placements, chaos_env)
         self._run_dir = directory
         self._adversaries = start_adversaries(
             experiment.adversaries_for(configuration), directory, paths, seed
         )
-        chaos = experiment.chaos_for(configuration)
 
         def restart(node: NodeProcess) -> None:  # same config and data dir: it resumes from its checkpoint
-            fresh = launch([paths[node.index]], [placements[node.index]] if placements else None)[0]
+            only = [placements[node.index]] if placements else None
+            fresh = launch([paths[node.index]], only, chaos_env)[0]
             node.log.close()  # type: ignore[attr-defined]
             node.proc, node.log = fresh.proc, fresh.log
 
