@@ -206,3 +206,121 @@ def test_extra_state_must_be_json(tmp_path):
     with pytest.raises(ValueError, match="not JSON-serializable"):
         save_checkpoint(tmp_path, 1, tiny_model(), extra={"bad": object()})
     assert list(tmp_path.iterdir()) == []
+
+
+# -- limits, defaults and the failure paths (mutation-tested, issue 13) ---------------------------
+
+
+def test_round_zero_and_keep_last_one_are_allowed_and_the_default_keeps_three(tmp_path):
+    model = tiny_model()
+    assert save_checkpoint(tmp_path / "one", 0, model, keep_last=1).name == "round-00000000"
+    save_checkpoint(tmp_path / "one", 1, model, keep_last=1)
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["round-00000001"]
+    for round_ in range(5):
+        save_checkpoint(tmp_path / "default", round_, model)
+    assert sorted(p.name for p in (tmp_path / "default").iterdir())[0] == "round-00000002"
+    assert len(list((tmp_path / "default").iterdir())) == 3
+    for bad in ({"round_": -1}, {"round_": 1, "keep_last": 0}):
+        with pytest.raises(ValueError):
+            save_checkpoint(tmp_path / "bad", model=model, **bad)
+
+
+def test_a_missing_parent_directory_is_created(tmp_path):
+    root = tmp_path / "a" / "b" / "checkpoints"
+    save_checkpoint(root, 1, tiny_model())
+    assert load_latest_checkpoint(root).round == 1
+
+
+def test_the_state_file_is_indented_json_with_its_creation_time(tmp_path):
+    import time
+
+    before = time.time()
+    path = save_checkpoint(tmp_path, 1, tiny_model())
+    after = time.time()
+    text = (path / "state.json").read_text()
+    assert text.startswith('{\n "format": ')  # indent 1: diffable by hand
+    assert before <= load_latest_checkpoint(tmp_path).created_at <= after
+
+
+def test_a_resave_that_fails_at_the_swap_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 4, tiny_model(), extra={"try": 1})
+    real_replace = os.replace
+
+    def fail_publishing(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_module.os, "replace", fail_publishing)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 4, tiny_model(), extra={"try": 2})
+    monkeypatch.undo()
+    assert load_latest_checkpoint(tmp_path).extra == {"try": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-00000004"]  # no tmp or trash left
+
+
+def test_restoring_into_a_model_with_more_parameters_is_a_clear_error(tmp_path):
+    save_checkpoint(tmp_path, 1, tiny_model())
+    bigger = tiny_model()
+    bigger.model.register_parameter("extra_scale", torch.nn.Parameter(torch.ones(3)))
+    with pytest.raises(CheckpointError, match=r"missing \['model.extra_scale'\]"):
+        load_latest_checkpoint(tmp_path).restore(bigger)
+
+
+_UNPICKLED: list[int] = []
+
+
+class _Payload:
+    def __reduce__(self):
+        return (_UNPICKLED.append, (1,))
+
+
+def test_the_optimizer_file_is_loaded_without_running_pickled_code(tmp_path):
+    import pickle
+
+    trainer = trained_trainer()
+    path = save_checkpoint(tmp_path, 1, trainer.model, trainer.optimizer)
+    state = trainer.optimizer.state_dict()
+    state["payload"] = _Payload()
+    torch.save(state, path / "optimizer.pt")  # a hostile file (its checksum no longer matters here)
+    checkpoint = ckpt_module.Checkpoint(path=path, round=1)
+    trainer = trained_trainer()
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoint.restore(trainer.model, trainer.optimizer, restore_rng=False)
+    assert _UNPICKLED == []
+
+
+def test_a_short_chaos_hold_is_held_too(tmp_path, monkeypatch):
+    held: list[float] = []
+    monkeypatch.setattr(ckpt_module.time, "sleep", held.append)
+    monkeypatch.setenv(ckpt_module.HOLD_ENV, "0.5")
+    save_checkpoint(tmp_path, 1, tiny_model())
+    assert held == [0.5]
+
+
+def test_a_state_file_without_a_creation_time_reads_as_zero(tmp_path):
+    import json
+
+    path = save_checkpoint(tmp_path, 1, tiny_model())
+    state = json.loads((path / "state.json").read_text())
+    del state["created_at"]
+    (path / "state.json").write_text(json.dumps(state))  # state.json is not in its own file list
+    assert load_latest_checkpoint(tmp_path).created_at == 0.0
+
+
+class _ShardedModel(Qwen2ForCausalLM):
+    """Saves its weights in several safetensors shards, as large models do."""
+
+    def save_pretrained(self, directory, **kwargs):
+        return super().save_pretrained(directory, max_shard_size="40KB", **kwargs)
+
+
+def test_every_weight_shard_is_restored(tmp_path):
+    torch.manual_seed(5)
+    source = _ShardedModel(tiny_model().config)
+    path = save_checkpoint(tmp_path, 1, source)
+    assert len(list((path / "model").glob("*.safetensors"))) > 1
+    target = tiny_model(seed=9)
+    load_latest_checkpoint(tmp_path).restore(target, restore_rng=False)
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

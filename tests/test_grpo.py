@@ -294,7 +294,10 @@ def _signal_groups() -> list[ScoredGroup]:
     ]
 
 
-def test_old_logprobs_are_from_before_the_update_so_later_minibatches_have_ratio_not_one(monkeypatch):
+@pytest.mark.parametrize(("minibatches", "iterations"), [(2, 2), (2, 1), (1, 2)])
+def test_old_logprobs_are_from_before_the_update_so_later_minibatches_have_ratio_not_one(
+    monkeypatch, minibatches, iterations
+):
     ratios: list[torch.Tensor] = []
     real_loss = grpo.clipped_policy_loss
 
@@ -304,9 +307,9 @@ def test_old_logprobs_are_from_before_the_update_so_later_minibatches_have_ratio
         return loss, stats
 
     monkeypatch.setattr(grpo, "clipped_policy_loss", spy)
-    trainer = GRPOTrainer(tiny_model(), GRPOConfig(minibatches=2, num_iterations=2, learning_rate=1e-2), PAD)
-    metrics = trainer.step(_signal_groups())
-    assert metrics["optimizer_steps"] == 4
+    cfg = GRPOConfig(minibatches=minibatches, num_iterations=iterations, learning_rate=1e-2)
+    metrics = GRPOTrainer(tiny_model(), cfg, PAD).step(_signal_groups())
+    assert metrics["optimizer_steps"] == minibatches * iterations
     assert torch.allclose(ratios[0], torch.ones_like(ratios[0]), atol=1e-6)  # same weights as old
     for later in ratios[1:]:
         assert (later - 1).abs().max() > 1e-3
@@ -706,3 +709,314 @@ def test_every_minibatch_carries_the_whole_batchs_weight(monkeypatch):
     GRPOTrainer(tiny_model(), cfg, PAD).step(_signal_groups())
     # shares 1/2 + 1/2, whichever rows a minibatch holds
     assert sums == pytest.approx([1.0] * 6, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- every metric of a step (mutation-tested, issue 13)
+
+STEP_METRICS = {
+    "loss",
+    "grad_norm",
+    "grad_norm_max",
+    "frac_steps_grad_norm_gt_10",
+    "external_only_step",
+    "entropy",
+    "entropy_local",
+    "entropy_external",
+    "clip_frac_low",
+    "clip_frac_high",
+    "clip_frac_low_local",
+    "clip_frac_high_local",
+    "clip_frac_low_external",
+    "clip_frac_high_external",
+    "ratio_mean_local",
+    "ratio_mean_external",
+    "ratio_max_local",
+    "ratio_max_external",
+    "ratio_min_local",
+    "ratio_min_external",
+    "loss_share_local",
+    "loss_share_external",
+    "signal_share_external",
+    "external_share_target",
+    "num_sources_capped",
+    "rows_zeroed_off_policy",
+    "rows_zeroed_low_likelihood",
+    "is_weight_mean",
+    "is_frac_capped",
+    "is_rows_unknown",
+    "frac_zero_std",
+    "reward_mean",
+    "num_groups",
+    "num_groups_trained",
+    "num_tokens",
+    "num_tokens_local",
+    "num_tokens_external",
+    "optimizer_steps",
+    "step_seconds",
+}
+
+
+def _two_kinds() -> list[ScoredGroup]:
+    """A local group (A = 2/3, -1/3, -1/3 unscaled) and a sender's group (A = +-1/2), 2 tokens each."""
+    return [
+        scored((1, 3), [(10, EOS), (11, EOS), (12, EOS)], [1.0, 0.0, 0.0]),
+        scored((1, 3), [(20, EOS), (21, EOS)], [1.0, 0.0], source="peer-a", index=1),
+    ]
+
+
+def test_single_step_metrics_match_hand_and_oracle_values():
+    import time
+
+    model = tiny_model()
+    groups = _two_kinds()
+    cfg = GRPOConfig(
+        external_loss_share=0.5, max_source_loss_share=0.3, scale_rewards=False, off_policy="importance"
+    )
+    batch = build_batch(groups, PAD)
+    with torch.no_grad():
+        _, entropy = token_logprobs(model, batch)
+    mask = batch.completion_mask
+    local_mask = mask * batch.is_local.unsqueeze(-1)
+    started = time.perf_counter()
+    metrics = GRPOTrainer(model, cfg, PAD).step(groups)
+    elapsed = time.perf_counter() - started
+    assert set(metrics) == STEP_METRICS
+    assert 0.0 < metrics["step_seconds"] <= elapsed
+    assert (metrics["num_groups"], metrics["num_groups_trained"], metrics["optimizer_steps"]) == (
+        2.0,
+        2.0,
+        1.0,
+    )
+    assert (metrics["num_tokens"], metrics["num_tokens_local"], metrics["num_tokens_external"]) == (10, 6, 4)
+    assert metrics["external_share_target"] == 0.5 and metrics["num_sources_capped"] == 1.0  # 0.5 > 0.3
+    assert metrics["is_rows_unknown"] == 2.0  # the sender made no behaviour claim on either row
+    assert metrics["is_weight_mean"] == 0.0 and metrics["is_frac_capped"] == 0.0
+    assert metrics["reward_mean"] == pytest.approx(2 / 5) and metrics["frac_zero_std"] == 0.0
+    # |A|-weighted mass: local 0.5 * mean(2/3, 1/3, 1/3) = 2/9; the sender's 0.3 * 1/2 (capped from 0.5)
+    assert metrics["signal_share_external"] == pytest.approx(0.15 / (0.15 + 2 / 9), rel=1e-5)
+    assert metrics["loss_share_external"] == pytest.approx(0.3 / 0.8, rel=1e-5)
+    assert metrics["entropy"] == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-5)
+    assert metrics["entropy_local"] == pytest.approx(((entropy * local_mask).sum() / 6).item(), rel=1e-5)
+    external_entropy = (entropy * (mask - local_mask)).sum() / 4
+    assert metrics["entropy_external"] == pytest.approx(external_entropy.item(), rel=1e-5)
+    for name in ("ratio_mean_local", "ratio_mean_external", "ratio_min_local", "ratio_max_external"):
+        assert metrics[name] == pytest.approx(1.0, abs=1e-6), name  # one step: new = old
+    assert metrics["rows_zeroed_off_policy"] == 0.0 and metrics["rows_zeroed_low_likelihood"] == 0.0
+
+
+def test_multi_step_metrics_stay_consistent_per_kind():
+    cfg = GRPOConfig(
+        minibatches=2, num_iterations=2, learning_rate=5e-2, off_policy="none", scale_rewards=False
+    )
+    metrics = GRPOTrainer(tiny_model(), cfg, PAD).step(_two_kinds())
+    n, n_local, n_external = (
+        metrics["num_tokens"],
+        metrics["num_tokens_local"],
+        metrics["num_tokens_external"],
+    )
+    assert (n, n_local, n_external) == (10, 6, 4)  # per pass, not summed over the 2 iterations
+    assert metrics["optimizer_steps"] == 4.0 and metrics["is_rows_unknown"] == 2.0
+    combined = metrics["entropy_local"] * n_local + metrics["entropy_external"] * n_external
+    assert metrics["entropy"] * n == pytest.approx(combined, rel=1e-5)
+    for part in ("local", "external"):
+        low, mean, high = (metrics[f"ratio_{x}_{part}"] for x in ("min", "mean", "max"))
+        assert low < 1.0 < high and low <= mean <= high, part
+        assert mean != 1.0
+    side = metrics["clip_frac_high_local"] * n_local + metrics["clip_frac_high_external"] * n_external
+    assert metrics["clip_frac_high"] * n == pytest.approx(side, rel=1e-6, abs=1e-9)
+
+
+def test_a_step_with_nothing_to_train_reports_zeros():
+    flat = scored((1,), [(5, EOS)], [1.0])
+    metrics = GRPOTrainer(tiny_model(), GRPOConfig(), PAD).step([flat])
+    assert set(metrics) == STEP_METRICS
+    zeros = (
+        "loss",
+        "grad_norm",
+        "grad_norm_max",
+        "entropy",
+        "num_tokens",
+        "num_tokens_local",
+        "optimizer_steps",
+        "rows_zeroed_off_policy",
+        "rows_zeroed_low_likelihood",
+        "is_rows_unknown",
+    )
+    assert all(metrics[name] == 0.0 for name in zeros)
+    assert (metrics["frac_zero_std"], metrics["reward_mean"], metrics["num_groups_trained"]) == (
+        1.0,
+        1.0,
+        0.0,
+    )
+    assert metrics["ratio_mean_local"] == metrics["ratio_mean_external"] == 1.0
+    assert metrics["frac_steps_grad_norm_gt_10"] == 0.0 and metrics["external_only_step"] == 0.0
+
+
+@pytest.mark.parametrize(("norm", "spike"), [(10.0, 0.0), (10.5, 1.0)])
+def test_one_step_above_the_spike_norm_is_the_whole_fraction(monkeypatch, norm, spike):
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: torch.tensor(norm))
+    metrics = GRPOTrainer(tiny_model(), GRPOConfig(), PAD).step(_two_kinds())
+    assert metrics["optimizer_steps"] == 1.0
+    assert (metrics["frac_steps_grad_norm_gt_10"], metrics["grad_norm_max"]) == (spike, norm)
+
+
+def test_the_kl_term_adds_beta_times_the_weighted_k3_to_the_loss():
+    groups = _two_kinds()
+    model, ref = tiny_model(0), tiny_model(1)
+    batch = build_batch(groups, PAD)
+    with torch.no_grad():
+        logp, _ = token_logprobs(model, batch)
+        ref_logp, _ = token_logprobs(ref, batch)
+    kl_tok = k3_kl(logp, ref_logp) * batch.completion_mask
+    weighted = (kl_tok * batch.kl_weight.unsqueeze(-1)).sum().item()
+    cfg = GRPOConfig(beta=0.2, off_policy="none")  # one step: the loss is taken before the update
+    with_kl = GRPOTrainer(copy.deepcopy(model), cfg, PAD, ref_model=ref).step(groups)
+    without = GRPOTrainer(copy.deepcopy(model), cfg.model_copy(update={"beta": 0.0}), PAD).step(groups)
+    assert with_kl["loss"] - without["loss"] == pytest.approx(0.2 * weighted, rel=1e-4)
+    assert with_kl["kl"] == pytest.approx((kl_tok.sum() / batch.completion_mask.sum()).item(), rel=1e-5)
+    assert "kl" not in without
+
+
+def test_batch_tensors_have_their_documented_dtypes():
+    batch = build_batch(_two_kinds(), PAD)
+    assert batch.attention_mask.dtype == torch.long and batch.completion_mask.dtype == torch.float32
+    assert batch.kl_weight.tolist() == pytest.approx([0.5 / 6] * 3 + [0.5 / 4] * 2)  # u_g / T_g
+
+
+def test_clip_indicators_exclude_the_boundaries_and_the_wrong_advantage_sign():
+    f64 = torch.float64
+    r_low, r_high = math.exp(math.log(0.5)), math.exp(math.log(1.5))
+    eps_low, eps_high = 1.0 - r_low, r_high - 1.0  # exact: 1 - eps_low == r_low, 1 + eps_high == r_high
+    ratios = [r_low, 0.25, 0.25, r_high, 4.0, 0.25, 4.0]
+    adv = torch.tensor([[-1.0, 0.0, 0.5, 1.0, 0.0, -1.0, 1.0]], dtype=f64)
+    logp = torch.tensor([[math.log(r) for r in ratios]], dtype=f64)
+    mask = torch.ones_like(logp)
+    _, stats = clipped_policy_loss(logp, torch.zeros_like(logp), adv, mask, eps_low, eps_high)
+    assert stats["low"].tolist() == [[0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]]
+    assert stats["high"].tolist() == [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]]
+    assert stats["clip_frac_low"].item() == pytest.approx(1 / 7)
+
+
+def test_group_weights_of_a_single_kind_and_the_default_sender_cap():
+    external = [scored((1,), [(5,), (6,)], [1.0, 0.0], source="peer-a", index=i) for i in range(2)]
+    w = grpo.group_weights(external)
+    assert (w.external_share, w.policy, w.capped_sources) == (
+        1.0,
+        (0.5, 0.5),
+        (),
+    )  # one sender, 100 %: not capped
+    local = [scored((1,), [(5,), (6,)], [1.0, 0.0], index=i) for i in range(2)]
+    assert grpo.group_weights(local).external_share == 0.0
+
+
+def test_advantages_are_computed_in_float64():
+    # 1e8 + 1 and 1e8 are the same float32: a float32 computation would see no signal
+    assert group_advantages([1e8 + 1, 1e8]).tolist() == pytest.approx([0.5 / 0.5001, -0.5 / 0.5001])
+    assert group_advantages([2.0, 2.0]).dtype == torch.float32
+    with pytest.raises(ValueError, match="a group needs at least one reward"):
+        group_advantages([])
+
+
+def test_means_over_a_single_token_and_over_none():
+    assert grpo.masked_mean(torch.tensor([3.0, 7.0]), torch.tensor([1.0, 0.0])).item() == 3.0
+    assert grpo.masked_mean(torch.tensor([3.0]), torch.tensor([0.0])).item() == 0.0
+    old = torch.tensor([[-2.0, -9.0], [-1.0, -3.0]])
+    rho = grpo.sequence_log_rho(old, torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([-0.5, -1.0]))
+    assert rho.tolist() == [-1.5, -1.0]
+
+
+def test_round_totals_defaults_for_missing_sums():
+    totals = grpo._RoundTotals()
+    assert totals.ratio("entropy", "tokens") == 0.0 and totals.share("local", "weight") == 0.0
+    assert totals.extreme("log_ratio_max_local") == 1.0
+    totals.add("tokens", 4.0)
+    totals.add("weight_local", 2.0)
+    assert totals.ratio("entropy", "tokens") == 0.0  # nothing summed over 4 tokens
+    assert totals.share("local", "weight") == 1.0 and totals.share("external", "weight") == 0.0
+    totals.high("log_ratio_max_local", -0.5)
+    totals.high("log_ratio_max_local", -2.0)
+    assert totals.extreme("log_ratio_max_local") == pytest.approx(math.exp(-0.5))
+
+
+class _Head(torch.nn.Module):
+    """A causal-LM-shaped stub: only what _plain_output_head looks at."""
+
+    def __init__(self, bias=False, softcap=None, scale=None, body=True) -> None:
+        super().__init__()
+        if body:
+            self.model = torch.nn.Identity()
+        self.head = torch.nn.Linear(4, 8, bias=bias)
+        self.config = dataclasses.make_dataclass("C", ["final_logit_softcapping", "logit_scale"])(
+            softcap, scale
+        )
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_only_a_bias_free_unscaled_head_is_split_off():
+    for stub in (_Head(), _Head(scale=1.0)):
+        body, weight = grpo._plain_output_head(stub)
+        assert body is stub.model and weight is stub.head.weight
+    for stub in (_Head(bias=True), _Head(softcap=30.0), _Head(scale=2.0), _Head(body=False)):
+        assert grpo._plain_output_head(stub) is None
+    no_head = torch.nn.Module()
+    no_head.model = torch.nn.Identity()
+    assert grpo._plain_output_head(no_head) is None
+    model = tiny_model()
+    assert grpo._plain_output_head(model)[1] is model.lm_head.weight
+
+
+def test_rows_that_can_get_no_weight_are_not_computed():
+    local = scored((1,), [(5,), (6,), (7,)], [1.0, 0.0, 0.5])  # A = +, -, 0
+    claimed = _with_claims(
+        scored((1,), [(5,), (6,), (7,)], [1.0, 0.0, 0.5], source="peer-a", index=1),
+        (-1.0, -1.0, -1.0),
+        (1, 1, 1),
+    )
+    unclaimed = scored((1,), [(5,), (6,), (7,)], [1.0, 0.0, 0.5], source="peer-b", index=2)
+    batch = build_batch([local, claimed, unclaimed], PAD)
+    static = grpo.static_off_policy_factor
+    assert static("positive_only", batch).tolist() == [1, 1, 1] + [1, 0, 0] * 2
+    # topr: a negative external row needs a known claim (its weight is the truncated ratio); A = 0 never
+    assert static("topr", batch).tolist() == [1, 1, 1] + [1, 1, 0] + [1, 0, 0]
+    assert static("importance", batch).tolist() == [1.0] * 9
+
+
+def test_a_reference_model_is_ignored_and_left_alone_when_beta_is_zero():
+    ref = tiny_model(1)
+    trainer = GRPOTrainer(tiny_model(), GRPOConfig(beta=0.0), PAD, ref_model=ref)
+    assert trainer.ref_model is None and all(p.requires_grad for p in ref.parameters())
+
+
+def test_the_optimizer_uses_the_configured_hyperparameters():
+    cfg = GRPOConfig(learning_rate=3e-4, adam_beta1=0.8, adam_beta2=0.95, weight_decay=0.05)
+    (group,) = GRPOTrainer(tiny_model(), cfg, PAD).optimizer.param_groups
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (3e-4, (0.8, 0.95), 0.05)
+
+
+def test_minibatches_are_drawn_from_shuffled_rows(monkeypatch):
+    seen: list[list[tuple[int, ...]]] = []
+    real = grpo.token_logprobs
+
+    def spy(model, batch, temperature=1.0):
+        if torch.is_grad_enabled():  # the training passes, not the frozen old log-probs
+            seen.append([tuple(row) for row in batch.input_ids.tolist()])
+        return real(model, batch, temperature)
+
+    monkeypatch.setattr(grpo, "token_logprobs", spy)
+    torch.manual_seed(0)
+    cfg = GRPOConfig(minibatches=2, num_iterations=2, off_policy="none")
+    GRPOTrainer(tiny_model(), cfg, PAD).step(_signal_groups())
+    rows = [tuple(row) for row in build_batch(_signal_groups(), PAD).input_ids.tolist()]
+    in_order = [rows[:4], rows[4:]]
+    assert len(seen) == 4 and sorted(seen[0] + seen[1]) == sorted(rows)
+    assert [seen[0], seen[1]] != in_order or [seen[2], seen[3]] != in_order
+
+
+def test_likelihood_floor_by_hand():
+    # sums over completion tokens / L = 4: -2/4 = -0.5 (not below -0.5), -10/4 = -2.5 (below); local rows never
+    old = torch.tensor([[-1.0, -1.0, -9.0], [-5.0, -5.0, -9.0], [-5.0, -5.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    is_local = torch.tensor([False, False, True])
+    assert grpo.below_likelihood_floor(old, mask, is_local, -0.5, 4).tolist() == [False, True, False]

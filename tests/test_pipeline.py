@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import zlib
+from collections import Counter
 
 import pytest
 
@@ -648,3 +649,391 @@ def test_token_bucket_refills_at_its_rate() -> None:
     assert all(bucket.take(1, 0.0) for _ in range(4)) and not bucket.take(1, 0.0)
     assert bucket.take(1, 0.5) and not bucket.take(1, 0.5)
     assert not bucket.take(1, 0.25)  # time going backwards adds nothing
+
+
+# -- scoring boundaries, counters and defaults (mutation-tested, issue 13) ------------------------
+
+
+def test_a_ban_ends_exactly_at_its_until_time() -> None:
+    clock = FakeClock(0.0)  # an injected clock may start at 0: nothing may assume wall-clock magnitudes
+    scores = PeerScores(clock=clock, ban_seconds=0.5)
+    assert not scores.is_banned("stranger")
+    assert scores.penalize("p", Reason.BAD_SIGNATURE)
+    clock.t = 0.25
+    assert scores.is_banned("p") and scores.banned() == ["p"] and scores.ban_expired() == []
+    assert [b.until for b in scores.ban_records()] == [0.5] and scores.snapshot()["p"].banned_for_s == 0.25
+    clock.t = 0.5  # [until, ...): not banned any more, reported once
+    assert not scores.is_banned("p") and scores.banned() == [] and scores.ban_records() == []
+    assert scores.ban_expired() == ["p"] and scores.ban_expired() == []
+    view = scores.snapshot()["p"]
+    assert (view.score, view.banned_for_s, view.bans) == (0.0, 0.0, 1)
+
+
+def test_repeat_bans_are_counted_and_each_restarts_the_score() -> None:
+    clock = FakeClock()
+    scores = PeerScores(clock=clock, ban_seconds=10.0)
+    for n in (1, 2, 3):
+        assert scores.penalize("p", Reason.BAD_SIGNATURE)
+        (record,) = scores.ban_records()
+        assert (record.bans, record.reason, record.until) == (n, "bad_signature", clock.t + 10.0)
+        clock.t += 10.0
+        assert scores.ban_expired() == ["p"] and scores.score("p") == 0.0
+    assert scores.snapshot()["p"].bans == 3
+
+
+def test_ban_records_end_last_first_within_the_limit() -> None:
+    clock = FakeClock()
+    scores = PeerScores(clock=clock, ban_seconds=100.0)
+    for i, peer in enumerate(("a", "b", "c")):
+        clock.t = NOW + i
+        scores.penalize(peer, Reason.BAD_SIGNATURE)
+    assert [r.peer_id for r in scores.ban_records()] == ["c", "b", "a"]
+    assert [r.peer_id for r in scores.ban_records(limit=2)] == ["c", "b"]
+
+
+def test_a_ban_released_over_the_table_size_restarts_its_peer_at_zero() -> None:
+    clock = FakeClock()
+    scores = PeerScores(clock=clock, max_banned=2)
+    for i, peer in enumerate(("a", "b", "c")):
+        clock.t = NOW + i
+        assert scores.penalize(peer, Reason.BAD_SIGNATURE)
+    assert sorted(scores.banned()) == ["b", "c"]
+    clock.t += 5.0
+    assert scores.score("a") == 0.0 and not scores.is_banned("a")
+    assert scores.ban_expired() == ["a"]
+
+
+def test_asking_a_score_does_not_create_a_record() -> None:
+    scores = PeerScores(clock=FakeClock())
+    assert scores.score("never-seen") == 0.0 and scores.size() == 0
+
+
+def test_snapshot_rounds_scores_and_counts_down_the_ban() -> None:
+    clock = FakeClock()
+    scores = PeerScores(clock=clock, ban_seconds=300.0)
+    scores.penalize("p", Reason.DECODE_ERROR, penalty=1 / 3)
+    scores.penalize("banned", Reason.BAD_SIGNATURE)
+    clock.t += 100.0
+    snap = scores.snapshot()
+    assert snap["p"].score == round(-(1 / 3) * 0.5 ** (100 / 300), 3) and snap["p"].banned_for_s == 0.0
+    assert snap["banned"].banned_for_s == 200.0 and snap["banned"].penalties == {"bad_signature": 1}
+
+
+def test_import_bans_skips_ended_and_already_banned_peers_and_counts_each_applied() -> None:
+    clock = FakeClock()
+    scores = PeerScores(clock=clock, ban_seconds=300.0, threshold=-20.0)
+    records = [
+        BanRecord("p", "bad_signature", NOW + 100.0, 3),
+        BanRecord("q", "decode_error", NOW + 200.0, 1),
+        BanRecord("p", "oversize", NOW + 250.0, 9),  # already banned by the first record: skipped
+        BanRecord("ended", "decode_error", NOW, 1),  # ends now: nothing to apply
+    ]
+    assert scores.import_bans(records) == 2
+    assert sorted(scores.banned()) == ["p", "q"]
+    assert scores.score("p") == -20.0 and scores.snapshot()["p"].bans == 3
+    assert [(r.peer_id, r.reason) for r in scores.ban_records()] == [
+        ("q", "decode_error"),
+        ("p", "bad_signature"),
+    ]
+
+
+def test_scoring_defaults() -> None:
+    """The documented defaults: ban 300 s, half-life 300 s, +0.1 per accepted message up to 10."""
+    clock = FakeClock()
+    scores = PeerScores(clock=clock)
+    assert (scores.threshold, scores.max_peers, scores.max_banned) == (-20.0, 10_000, 4096)
+    scores.reward("good")
+    assert scores.score("good") == pytest.approx(0.1)
+    for _ in range(200):
+        scores.reward("good")
+    assert scores.score("good") == 10.0
+    scores.penalize("p", Reason.DECODE_ERROR)
+    clock.t += 300.0
+    assert scores.score("p") == pytest.approx(-5.0)
+    scores.penalize("b", Reason.BAD_SIGNATURE)
+    assert [r.until for r in scores.ban_records()] == [clock.t + 300.0]
+
+
+def test_peer_tables_default_bounds() -> None:
+    clock = FakeClock()
+    scores = PeerScores(clock=clock)
+    for i in range(10_001):
+        scores.reward(f"p{i}")
+    assert scores.size() == 10_000 and len(scores.snapshot()) == 1000
+    assert "p0" not in scores.snapshot(limit=10_000) and "p10000" in scores.snapshot()
+    for i in range(4097):
+        scores.penalize(f"s{i}", Reason.BAD_SIGNATURE, penalty=100.0)
+    assert len(scores.banned()) == 4096
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_threshold_must_be_negative(threshold: float) -> None:
+    with pytest.raises(ValueError, match="score threshold must be negative"):
+        PeerScores(threshold=threshold)
+
+
+@pytest.mark.parametrize(("rate", "capacity"), [(0.0, 1.0), (1.0, 0.0), (-1.0, 1.0)])
+def test_token_bucket_refuses_a_non_positive_rate_or_capacity(rate: float, capacity: float) -> None:
+    with pytest.raises(ValueError, match="rate > 0 and capacity > 0"):
+        TokenBucket(rate=rate, capacity=capacity, now=0.0)
+
+
+def test_token_bucket_with_a_fractional_capacity() -> None:
+    bucket = TokenBucket(rate=1.0, capacity=0.5, now=0.0)
+    assert bucket.take(0.5, 0.0) and not bucket.take(0.5, 0.0)
+
+
+# -- pipeline boundaries, details and bookkeeping (mutation-tested, issue 13) ---------------------
+
+
+def test_rule_names_in_order(pipeline: ValidationPipeline) -> None:
+    assert [rule.name for rule in pipeline.rules] == [
+        "banned_forwarder",
+        "size",
+        "relay_rate",
+        "duplicate",
+        "known_invalid",
+        "envelope",
+        "kind",
+        "signature",
+        "banned_author",
+        "admission",
+        "rate",
+        "payload",
+        "replay",
+        "freshness",
+    ]
+
+
+def test_rule_docs_split_tag_and_condition(pipeline: ValidationPipeline) -> None:
+    docs = rule_docs(pipeline)
+    assert docs[1] == ("size", "REJECT", "the message is larger than max_message_bytes")
+
+    def tricky(_c: object) -> None:
+        """[IGNORE] a [nested] tag stays in the condition, as does a trailing X.
+
+        Second line ignored."""
+
+    def undocumented(_c: object) -> None:
+        pass
+
+    pipeline.rules[:] = [pipeline.rules[0]._replace(name="t", check=tricky)]
+    pipeline.rules.append(pipeline.rules[0]._replace(name="u", check=undocumented))
+    assert rule_docs(pipeline) == [
+        ("t", "IGNORE", "a [nested] tag stays in the condition, as does a trailing X"),
+        ("u", "", ""),
+    ]
+
+
+def test_pipeline_defaults(clock: FakeClock) -> None:
+    """The documented windows and table sizes (docs/PROTOCOL.md "Caps and windows")."""
+    p = ValidationPipeline(
+        WireCaps(), rate_msgs_per_s=4.0, rate_bytes_per_s=1e6, scores=PeerScores(clock=clock)
+    )
+    assert (p.burst_seconds, p.replay_window, p.max_seen_per_peer) == (10.0, 600_000, 1024)
+    assert (p.max_age_s, p.max_future_s, p._seen_ids.window_s, p._seen_ids.capacity) == (
+        600.0,
+        60.0,
+        660.0,
+        65_536,
+    )
+    assert (p._peer_counts.capacity, p._known_invalid.capacity, p.delivered_by.capacity) == (
+        10_000,
+        8192,
+        65_536,
+    )
+
+
+def test_verdict_details_name_the_cause(clock: FakeClock, alice: Identity, mallory: Identity) -> None:
+    pipeline = make_pipeline(clock, caps=WireCaps(max_message_bytes=4096))
+    data = batch_bytes(alice, 1)
+    accepted = assert_verdict(pipeline, data, alice.peer_id, Reason.ACCEPTED)
+    assert accepted.detail == "" and accepted.envelope is not None and accepted.author == alice.peer_id
+    dup = assert_verdict(pipeline, data, "r1", Reason.DUPLICATE)
+    assert dup.detail == f"message {message_id(data).hex()[:16]} seen before"
+    assert assert_verdict(pipeline, b"\x00" * 4097, "r2", Reason.OVERSIZE).detail == "4097 bytes, cap 4096"
+    wrong_kind = assert_verdict(pipeline, batch_bytes(alice, 2), "r3", Reason.UNKNOWN_KIND, Kind.HEARTBEAT)
+    assert wrong_kind.detail == "ROLLOUT_BATCH envelope on the HEARTBEAT topic"
+    again = assert_verdict(pipeline, batch_bytes(alice, 2), "r4", Reason.UNKNOWN_KIND, Kind.HEARTBEAT)
+    assert again.detail == "content rejected before"
+    forged = tamper(batch_bytes(alice, 3), signature=bytes(64))
+    bad = assert_verdict(pipeline, forged, "r5", Reason.BAD_SIGNATURE)
+    assert bad.detail == "Ed25519 signature does not match the envelope" and bad.envelope is not None
+    replay = assert_verdict(pipeline, batch_bytes(alice, 1, created_at=NOW - 1), "r6", Reason.REPLAY)
+    assert replay.detail == "sequence 1 already seen" and replay.envelope is not None
+    assert_verdict(pipeline, batch_bytes(alice, 700_001), "r7", Reason.ACCEPTED)
+    low = assert_verdict(pipeline, batch_bytes(alice, 100_001), "r8", Reason.REPLAY)
+    assert low.detail == "sequence 100001 is below the window (highest 700001)"
+    stale = assert_verdict(pipeline, batch_bytes(mallory, 1, created_at=NOW - 601.4), "r9", Reason.STALE)
+    assert stale.detail == "created 601 s ago, limit 600 s"
+    future = assert_verdict(pipeline, batch_bytes(mallory, 2, created_at=NOW + 61.4), "r10", Reason.STALE)
+    assert future.detail == "created 61 s in the future (clock skew?)"
+    schema = batch_bytes(mallory, 3, completions=WireCaps().max_completions_per_group + 1)
+    capped = assert_verdict(pipeline, schema, "r11", Reason.SCHEMA_CAP)
+    assert capped.envelope is not None and capped.author == mallory.peer_id
+    # a later copy of author-blamed content stays the author's fault, whoever relays it
+    assert assert_verdict(pipeline, schema, "r12", Reason.SCHEMA_CAP).author == mallory.peer_id
+
+
+def test_ban_details_for_forwarder_and_author(clock: FakeClock, alice: Identity, mallory: Identity) -> None:
+    pipeline = make_pipeline(clock)
+    pipeline.scores.penalize("bad-relay", Reason.BAD_SIGNATURE)
+    relayed = assert_verdict(pipeline, batch_bytes(alice, 1), "bad-relay", Reason.BANNED_PEER)
+    assert relayed.detail == "forwarder is banned"
+    pipeline.scores.penalize(mallory.peer_id, Reason.BAD_SIGNATURE)
+    authored = assert_verdict(pipeline, batch_bytes(mallory, 1), "good-relay", Reason.BANNED_PEER)
+    assert authored.detail == "author is banned"
+
+
+def test_rate_and_admission_details(clock: FakeClock, alice: Identity) -> None:
+    pipeline = make_pipeline(clock, rate_msgs_per_s=0.1, admit_burst=1.0)
+    assert_verdict(pipeline, batch_bytes(alice, 1), alice.peer_id, Reason.ACCEPTED)  # burst: max(1, 0.1 * 10)
+    assert assert_verdict(pipeline, batch_bytes(alice, 2), alice.peer_id, Reason.RATE_LIMITED).detail == (
+        "over 0.1 messages/s"
+    )
+    assert_verdict(pipeline, batch_bytes(Identity.generate(), 1), "relay", Reason.ACCEPTED)
+    limited = assert_verdict(pipeline, batch_bytes(Identity.generate(), 1), "relay", Reason.ADMISSION_LIMITED)
+    assert limited.detail == "forwarder introduced too many new authors"
+
+
+def test_byte_burst_is_the_larger_of_one_message_and_burst_seconds_of_rate(
+    clock: FakeClock, alice: Identity
+) -> None:
+    pipeline = ValidationPipeline(
+        WireCaps(max_message_bytes=2048), rate_msgs_per_s=100.0, rate_bytes_per_s=1000.0,
+        scores=PeerScores(clock=clock), clock=clock, burst_seconds=10.0,
+    )  # fmt: skip  # byte burst max(2048, 1000 * 10) = 10000
+    fits = 10_000 // len(batch_bytes(alice, 1))
+    messages = [batch_bytes(alice, seq) for seq in range(1, fits + 2)]
+    verdicts = [pipeline.validate(Kind.ROLLOUT_BATCH, m, f"r{i}") for i, m in enumerate(messages)]
+    assert [v.reason for v in verdicts] == [Reason.ACCEPTED] * fits + [Reason.QUOTA_EXCEEDED]
+    assert verdicts[-1].detail == "over 1000 bytes/s"
+
+
+def test_relay_buckets_are_per_forwarder(clock: FakeClock) -> None:
+    pipeline = make_pipeline(clock, rate_msgs_per_s=0.5, admit_burst=1000.0)  # relay burst: 80 messages
+    authors = [Identity.generate() for _ in range(81)]
+    for seq, relay in ((1, "relay-1"), (2, "relay-2")):  # 60 each: within each one's own budget
+        reasons = [
+            pipeline.validate(Kind.ROLLOUT_BATCH, batch_bytes(a, seq), relay).reason for a in authors[:60]
+        ]
+        assert reasons == [Reason.ACCEPTED] * 60, relay
+    for author in authors[60:80]:
+        assert_verdict(pipeline, batch_bytes(author, 3), "relay-1", Reason.ACCEPTED)
+    limited = assert_verdict(pipeline, batch_bytes(authors[80], 3), "relay-1", Reason.RELAY_RATE_LIMITED)
+    assert limited.detail == "forwarder over its relay budget"
+
+
+def test_size_and_freshness_limits_are_inclusive(clock: FakeClock, alice: Identity) -> None:
+    data = batch_bytes(alice, 1)
+    pipeline = make_pipeline(clock, caps=WireCaps(max_message_bytes=len(data)))
+    assert_verdict(pipeline, data, alice.peer_id, Reason.ACCEPTED)  # exactly at the cap
+    assert_verdict(pipeline, batch_bytes(alice, 2, created_at=NOW - 600.0), alice.peer_id, Reason.ACCEPTED)
+    assert_verdict(pipeline, batch_bytes(alice, 3, created_at=NOW + 60.0), alice.peer_id, Reason.ACCEPTED)
+
+
+def test_an_accepted_id_is_a_duplicate_until_the_end_of_its_window(clock: FakeClock, alice: Identity) -> None:
+    pipeline = make_pipeline(clock, max_age_s=1000.0)
+    data = batch_bytes(alice, 1)
+    assert_verdict(pipeline, data, alice.peer_id, Reason.ACCEPTED)
+    clock.t += 1060.0  # exactly max_age_s + max_future_s later
+    assert_verdict(pipeline, data, "late", Reason.DUPLICATE)
+    clock.t += 0.5
+    assert_verdict(pipeline, data, "late", Reason.REPLAY)
+
+
+def test_replay_window_edges(clock: FakeClock, alice: Identity) -> None:
+    pipeline = make_pipeline(clock, replay_window=10, max_seen_per_peer=4, rate_msgs_per_s=100.0)
+    assert_verdict(pipeline, batch_bytes(alice, 100), alice.peer_id, Reason.ACCEPTED)
+    assert_verdict(pipeline, batch_bytes(alice, 90), alice.peer_id, Reason.REPLAY)  # highest - window
+    assert_verdict(pipeline, batch_bytes(alice, 91), alice.peer_id, Reason.ACCEPTED)
+    for seq in (92, 93):
+        assert_verdict(pipeline, batch_bytes(alice, seq), alice.peer_id, Reason.ACCEPTED)
+    # the fifth sequence prunes: floor = 110 - 10 = 100 (itself not kept), only 110 is above, floor 109
+    assert_verdict(pipeline, batch_bytes(alice, 110), alice.peer_id, Reason.ACCEPTED)
+    (window,) = pipeline._sequences.values()
+    assert (window.seen, window.floor) == ({110}, 109)
+    assert_verdict(pipeline, batch_bytes(alice, 105), alice.peer_id, Reason.REPLAY)
+
+
+def test_reports_blame_the_connection_that_delivered_the_message(clock: FakeClock, alice: Identity) -> None:
+    pipeline = make_pipeline(clock)
+    first, second = batch_bytes(alice, 1), batch_bytes(alice, 2)
+    assert_verdict(pipeline, first, "relay-1", Reason.ACCEPTED)  # relay-1 introduced alice
+    assert_verdict(pipeline, second, "relay-2", Reason.ACCEPTED)
+    assert pipeline.delivered_by[message_id(second)] == ("relay-2", alice.peer_id)
+    pipeline.report(alice.peer_id, Reason.QUESTION_MISMATCH, msg_id=message_id(second))
+    assert pipeline.scores.score("relay-2") == pytest.approx(-5.0 * RELAY_REPORT_FACTOR)
+    assert pipeline.scores.score("relay-1") == 0.0
+    assert pipeline.peer_counts("relay-2")[Reason.QUESTION_MISMATCH] == 1
+    assert pipeline.peer_counts("nobody") == Counter()
+
+
+def test_delivered_by_forgets_its_oldest_entries(clock: FakeClock, alice: Identity) -> None:
+    pipeline = make_pipeline(clock, dedup_size=2)
+    messages = [batch_bytes(alice, seq) for seq in (1, 2, 3)]
+    for data in messages:
+        assert_verdict(pipeline, data, alice.peer_id, Reason.ACCEPTED)
+    assert list(pipeline.delivered_by) == [message_id(messages[1]), message_id(messages[2])]
+
+
+def test_counts_per_peer_add_up_and_penalties_name_the_reason(clock: FakeClock) -> None:
+    pipeline = make_pipeline(clock)
+    for _ in range(2):
+        pipeline.record_forwarder("conn", Reason.DECODE_ERROR)
+    assert pipeline.peer_counts("conn")[Reason.DECODE_ERROR] == 2
+    snap = pipeline.snapshot()
+    assert snap["peers"]["conn"].penalties == {"decode_error": 2}
+    assert snap["counts"] == {"rollout_batch/decode_error": 2} and snap["banned"] == []
+
+
+def test_non_bytes_and_unknown_kinds_are_counted_as_internal_errors(pipeline: ValidationPipeline) -> None:
+    verdict = pipeline.validate(Kind.ROLLOUT_BATCH, "text", "p")  # type: ignore[arg-type]
+    assert (verdict.reason, verdict.detail) == (
+        Reason.INTERNAL_ERROR,
+        "TypeError: message data must be bytes, got str",
+    )
+    assert (verdict.author, verdict.envelope, verdict.forwarder) == ("", None, "p")
+    assert pipeline.counts[(Kind.ROLLOUT_BATCH, Reason.INTERNAL_ERROR)] == 1
+    pipeline.validate(99, b"x", "p")  # type: ignore[arg-type]
+    assert pipeline.counts[(99, Reason.INTERNAL_ERROR)] == 1
+    assert pipeline.snapshot()["counts"]["99/internal_error"] == 1  # status still renders
+
+
+def test_a_rule_bug_after_the_envelope_keeps_it_in_the_verdict(
+    pipeline: ValidationPipeline, alice: Identity
+) -> None:
+    def explode(_candidate: object) -> None:
+        raise RuntimeError("bug in a rule")
+
+    pipeline.rules.append(pipeline.rules[0]._replace(name="bug", check=explode))
+    verdict = assert_verdict(pipeline, batch_bytes(alice, 1), alice.peer_id, Reason.INTERNAL_ERROR)
+    assert verdict.detail == "RuntimeError: bug in a rule" and verdict.envelope is not None
+
+
+def test_from_config_passes_rates_ban_time_and_clock(clock: FakeClock, alice: Identity) -> None:
+    cfg = P2PConfig(rate_msgs_per_s=2.0, rate_bytes_per_s=50_000.0, ban_seconds=77.0)
+    pipeline = ValidationPipeline.from_config(cfg, clock=clock)
+    assert (pipeline.rate_msgs_per_s, pipeline.rate_bytes_per_s) == (2.0, 50_000.0)
+    assert pipeline.validate(
+        Kind.ROLLOUT_BATCH, tamper(batch_bytes(alice, 1), signature=bytes(64)), "x"
+    ).banned_now
+    assert [r.until for r in pipeline.scores.ban_records()] == [NOW + 77.0]
+    assert pipeline.validate(Kind.ROLLOUT_BATCH, batch_bytes(alice, 2), "y").accepted  # fresh by its clock
+
+
+def test_relay_byte_budget_is_four_times_the_author_rate(clock: FakeClock) -> None:
+    pipeline = ValidationPipeline(
+        WireCaps(max_message_bytes=2048), rate_msgs_per_s=100.0, rate_bytes_per_s=1000.0,
+        scores=PeerScores(clock=clock), clock=clock, burst_seconds=10.0, admit_burst=1000.0,
+    )  # fmt: skip  # relay bytes: 4000/s, burst max(4 * 2048, 40000); each author: burst 10000
+    authors = [Identity.generate() for _ in range(40)]
+    messages = [batch_bytes(a, 1) for a in authors]
+    assert 8192 < sum(map(len, messages)) < 40_000
+    assert all(pipeline.validate(Kind.ROLLOUT_BATCH, m, "relay").accepted for m in messages)
+
+
+def test_counts_are_labelled_by_kind_even_when_given_as_a_number(clock: FakeClock) -> None:
+    pipeline = make_pipeline(clock)
+    pipeline.record_forwarder("p", Reason.DECODE_ERROR, kind=int(Kind.ROLLOUT_BATCH))  # type: ignore[arg-type]
+    assert pipeline.snapshot()["counts"] == {"rollout_batch/decode_error": 1}

@@ -802,3 +802,326 @@ def test_prescan_rules_cover_every_field_of_the_proto(message, rule: scan.Messag
                 compare(f.message_type, spec.message, f"{where}.{f.name}")
 
     compare(message.DESCRIPTOR, rule, message.DESCRIPTOR.name)
+
+
+def test_every_config_cap_reaches_the_wire_caps() -> None:
+    """docs/PROTOCOL.md "Caps and windows": each p2p cap key sets its wire cap (non-default values, so
+    a dropped or swapped field shows); the payload cap is 8x the message cap, the token cap 4 per char."""
+    from swarmnode.config import P2PConfig
+
+    cfg = P2PConfig(
+        max_message_bytes=300_000,
+        max_groups_per_batch=5,
+        max_completions_per_group=6,
+        max_chars_per_completion=700,
+        max_question_chars=800,
+    )
+    assert WireCaps.from_config(cfg) == WireCaps(
+        max_message_bytes=300_000,
+        max_groups_per_batch=5,
+        max_completions_per_group=6,
+        max_chars_per_completion=700,
+        max_question_chars=800,
+        max_payload_bytes=2_400_000,
+        max_tokens_per_completion=2_800,
+    )
+
+
+def test_wire_error_keeps_reason_and_detail_apart() -> None:
+    err = WireError("schema_cap", "3 groups > 2")
+    assert (err.reason, err.detail, str(err)) == ("schema_cap", "3 groups > 2", "schema_cap: 3 groups > 2")
+
+
+# -- payload caps at their boundaries, with reasons and details (mutation-tested, issue 13) ---------
+
+from dataclasses import replace as _replace  # noqa: E402
+
+from swarmnode.wire.messages import decode_heartbeat, decode_rollout_batch, scan_prefix  # noqa: E402
+
+SMALL = WireCaps(max_groups_per_batch=2, max_completions_per_group=2, max_heartbeat_entries=2)
+
+
+def _batch(groups: list[RolloutGroup], model_id: str = "tiny-a") -> bytes:
+    return encode_rollout_batch(groups, node_round=7, sequence=9, model_id=model_id, created_at=1.5)
+
+
+def _schema_cap(call, detail: str) -> None:
+    with pytest.raises(WireError) as err:
+        call()
+    assert (err.value.reason, err.value.detail) == ("schema_cap", detail)
+
+
+def test_batch_caps_are_inclusive_and_name_what_broke() -> None:
+    two = [make_group(0, ("a", "b")), make_group(1, ("c", "d"))]
+    assert len(decode_rollout_batch(_batch(two), SMALL, "p").groups) == 2  # exactly at both caps
+    # one over: the pre-scan counts them before anything is built
+    over = _batch([*two, make_group(2)])
+    _schema_cap(lambda: decode_rollout_batch(over, SMALL, "p"), "RolloutBatch has more than 2 groups, cap 2")
+    three = _batch([make_group(0, ("a", "b", "c"))])
+    _schema_cap(
+        lambda: decode_rollout_batch(three, SMALL, "p"),
+        "RolloutBatch.groups[0] has more than 2 completions, cap 2",
+    )
+    _schema_cap(lambda: decode_rollout_batch(_batch([]), SMALL, "p"), "batch has no groups")
+    long_id = "m" * (SMALL.max_name_chars + 1)
+    _schema_cap(
+        lambda: decode_rollout_batch(_batch(two, model_id=long_id), SMALL, "p"),
+        f"model_id has {len(long_id)} characters, cap {SMALL.max_name_chars}",
+    )
+
+
+@pytest.mark.parametrize("message", ["RolloutBatch", "Heartbeat"])
+def test_a_payload_the_prescan_passes_but_protobuf_refuses_is_a_decode_error(message: str) -> None:
+    field = getattr(wire_pb2, message).DESCRIPTOR.fields_by_name["model_id"].number
+    payload = bytes([field << 3 | 2, 1, 0xFF])  # a string field that is not UTF-8
+    with pytest.raises(WireError) as err:
+        if message == "RolloutBatch":
+            decode_rollout_batch(payload, CAPS, "p")
+        else:
+            decode_heartbeat(payload, CAPS)
+    assert err.value.reason == "decode_error"
+    assert (
+        err.value.detail
+        == f"payload is not a {message}: Error parsing message with type 'swarmnode.v1.{message}'"
+    )
+
+
+def test_heartbeat_caps_name_what_broke() -> None:
+    hb = NodeHeartbeat(name="a", model_id="m", node_round=1, sequence=2, created_at=3.0)
+    ok = _replace(hb, counters={"x": 1, "y": 2}, reward_trend=(0.5, 0.25))
+    assert decode_heartbeat(encode_heartbeat(ok), SMALL).counters == {"x": 1, "y": 2}
+    many = _replace(hb, counters={"x": 1, "y": 2, "z": 3})
+    _schema_cap(
+        lambda: decode_heartbeat(encode_heartbeat(many), SMALL), "Heartbeat has more than 2 counters, cap 2"
+    )
+    name = "n" * (CAPS.max_name_chars + 1)
+    _schema_cap(
+        lambda: decode_heartbeat(encode_heartbeat(_replace(hb, counters={name: 1})), CAPS),
+        f"heartbeat counter name has {len(name)} characters, cap {CAPS.max_name_chars}",
+    )
+    nan = _replace(hb, reward_trend=(float("nan"),))
+    _schema_cap(
+        lambda: decode_heartbeat(encode_heartbeat(nan), CAPS),
+        "heartbeat reward_trend holds a non-finite value",
+    )
+
+
+def test_heartbeat_round_trips_every_field() -> None:
+    hb = NodeHeartbeat(
+        name="node-3", model_id="m", node_round=11, sequence=12, created_at=13.25, reward_trend=(0.5,),
+        counters={"accepted": 4}, silo=True, peers=5, software_version="1.2.3",
+        admin_address="127.0.0.1:9000", metrics_address="127.0.0.1:9100",
+    )  # fmt: skip
+    assert decode_heartbeat(encode_heartbeat(hb), CAPS) == hb
+
+
+def test_batch_round_trips_claims_and_per_group_model_ids() -> None:
+    claimed = _replace(
+        make_group(0), behaviour_logprobs=(-1.5, -0.25), behaviour_num_tokens=(3, (1 << 32) - 1)
+    )
+    other_model = make_group(1, model_id="tiny-b")
+    caps = WireCaps(max_tokens_per_completion=(1 << 32) - 1)
+    decoded = decode_rollout_batch(_batch([claimed, other_model]), caps, "peer").groups
+    assert decoded[0] == _replace(claimed, source="peer", sequence=9, created_at=1.5)
+    assert decoded[1].model_id == "tiny-b" and decoded[1].behaviour_logprobs is None
+    wire_groups = wire_pb2.RolloutBatch.FromString(_batch([claimed, other_model])).groups
+    assert [g.model_id for g in wire_groups] == ["", "tiny-b"]  # the batch's model id is not repeated
+    half = _replace(make_group(2), behaviour_logprobs=(-1.0, -1.0))  # token counts missing: no claim sent
+    assert not any(
+        c.HasField("behaviour_logprob")
+        for c in wire_pb2.RolloutBatch.FromString(_batch([half])).groups[0].completions
+    )
+
+
+def test_encoder_refuses_a_token_count_past_uint32_and_mismatched_flags() -> None:
+    too_many = _replace(make_group(0), behaviour_logprobs=(-1.0, -1.0), behaviour_num_tokens=(1, 1 << 32))
+    with pytest.raises(ValueError, match="is not a finite float32 <= 0 / a uint32"):
+        _batch([too_many])
+    with pytest.raises(ValueError, match=r"2 completions but 1 finished flags"):
+        _batch([_replace(make_group(0), finished=(True,))])
+
+
+def test_prefix_scan_uses_the_kinds_rules() -> None:
+    heartbeat = encode_heartbeat(
+        NodeHeartbeat(name="a", model_id="m", node_round=1, sequence=2, created_at=3.0)
+    )
+    scan_prefix(Kind.HEARTBEAT, heartbeat[:10], CAPS)  # a heartbeat's fields are fine for heartbeats
+    with pytest.raises(WireError):
+        scan_prefix(Kind.ROLLOUT_BATCH, heartbeat[:10], CAPS)
+
+
+def _rule_table(rule: scan.MessageRule) -> dict:
+    return {
+        "name": rule.name,
+        "fields": {
+            n: (f.name, f.wire_type, f.max_count, f.max_bytes, f.packed, f.message and _rule_table(f.message))
+            for n, f in rule.fields.items()
+        },
+    }
+
+
+def test_prescan_rules_state_each_fields_bound_under_the_caps() -> None:
+    """docs/PROTOCOL.md "Canonical encoding and pre-scan": every bound, under caps with distinct values
+    so a bound taken from the wrong cap shows (strings: 4 bytes per character)."""
+    caps = WireCaps(
+        max_name_chars=11, max_chars_per_completion=13, max_question_chars=17,
+        max_completions_per_group=3, max_groups_per_batch=5, max_heartbeat_entries=7,
+    )  # fmt: skip
+    V, L, F = scan.VARINT, scan.LEN, scan.I32
+    name = 44
+    task = {"name": "task", "fields": {
+        1: ("dataset", L, 1, name, False, None), 2: ("config_digest", L, 1, name, False, None),
+        3: ("seed", V, 1, None, False, None), 4: ("index", V, 1, None, False, None),
+        5: ("generator_version", L, 1, name, False, None),
+    }}  # fmt: skip
+    completion = {"name": "completion", "fields": {
+        1: ("text", L, 1, 52, False, None), 2: ("finished", V, 1, None, False, None),
+        3: ("behaviour_logprob", F, 1, None, False, None), 4: ("num_tokens", V, 1, None, False, None),
+    }}  # fmt: skip
+    group = {"name": "group", "fields": {
+        1: ("task", L, 1, None, False, task), 2: ("question", L, 1, 68, False, None),
+        3: ("completions", L, 3, None, False, completion), 4: ("model_id", L, 1, name, False, None),
+    }}  # fmt: skip
+    assert _rule_table(scan.rollout_batch_rule(caps)) == {"name": "RolloutBatch", "fields": {
+        1: ("node_round", V, 1, None, False, None), 2: ("created_at_ms", V, 1, None, False, None),
+        3: ("sequence", V, 1, None, False, None), 4: ("model_id", L, 1, name, False, None),
+        5: ("groups", L, 5, None, False, group),
+    }}  # fmt: skip
+    counter = {
+        "name": "counter",
+        "fields": {1: ("key", L, 1, name, False, None), 2: ("value", V, 1, None, False, None)},
+    }
+    assert _rule_table(scan.heartbeat_rule(caps)) == {"name": "Heartbeat", "fields": {
+        1: ("name", L, 1, name, False, None), 2: ("model_id", L, 1, name, False, None),
+        3: ("node_round", V, 1, None, False, None), 4: ("reward_trend points", F, 7, None, True, None),
+        5: ("counters", L, 7, None, False, counter), 6: ("created_at_ms", V, 1, None, False, None),
+        7: ("sequence", V, 1, None, False, None), 8: ("silo", V, 1, None, False, None),
+        9: ("peers", V, 1, None, False, None), 10: ("software_version", L, 1, name, False, None),
+        11: ("admin_address", L, 1, name, False, None), 12: ("metrics_address", L, 1, name, False, None),
+    }}  # fmt: skip
+
+
+# -- the pre-scan's rules one by one, on a small schema (mutation-tested, issue 13) ------------------
+
+_SUB = scan.MessageRule("S", {1: scan.FieldRule("x", scan.VARINT)})
+_TINY = scan.MessageRule(
+    "M",
+    {
+        1: scan.FieldRule("v", scan.VARINT),
+        2: scan.FieldRule("s", scan.LEN, max_bytes=3),
+        3: scan.FieldRule("r", scan.LEN, max_count=2),
+        4: scan.FieldRule("f", scan.I32, max_count=2, packed=True),
+        5: scan.FieldRule("sub", scan.LEN, message=_SUB),
+        6: scan.FieldRule("d", scan.I64),
+    },
+)
+_ONE_UNKNOWN = WireCaps(max_unknown_fields=1)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x08" + b"\xff" * 9 + b"\x01",  # a 10-byte varint: the longest allowed
+        b"\x12\x03abc",  # exactly the byte bound
+        b"\x1a\x00" * 2,  # exactly the count cap
+        b"\x22\x08" + bytes(8),  # packed: 2 values
+        (b"\x22\x04" + bytes(4)) * 2,  # two packed records of one value each
+        b"\x25" + bytes(4) + b"\x25" + bytes(4),  # unpacked: 2 values
+        b"\x31" + bytes(8),  # a 64-bit field
+        b"\x38\x01",  # one unknown field is allowed here
+        bytes([0xF8, 0xFF, 0xFF, 0xFF, 0x0F, 0x00]),  # the highest field number (unknown)
+        b"\x2a\x02\x08\x01",  # a sub-message
+    ],
+)
+def test_prescan_accepts_what_the_rules_allow(data: bytes) -> None:
+    scan.scan(data, _TINY, _ONE_UNKNOWN)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason", "detail"),
+    [
+        (b"\x08", "decode_error", "M: truncated varint"),
+        (b"\x80", "decode_error", "M: truncated varint"),  # in the key
+        (b"\x12\x80", "decode_error", "M: truncated varint"),  # in the length
+        (b"\x08" + b"\xff" * 10, "decode_error", "M: varint longer than 10 bytes"),
+        (b"\x00\x00", "decode_error", "M: invalid field key 0"),
+        (b"\x0b", "decode_error", "M: invalid field key 11"),  # start group
+        (b"\x0c", "decode_error", "M: invalid field key 12"),  # end group
+        (b"\x0e", "decode_error", "M: invalid field key 14"),  # wire type 6
+        (bytes([0x80, 0x80, 0x80, 0x80, 0x10]), "decode_error", f"M: invalid field key {1 << 32}"),
+        (b"\x12\x05ab", "decode_error", "M: field 2 runs past the end of the message"),
+        (b"\x31" + bytes(7), "decode_error", "M: field 6 runs past the end of the message"),
+        (b"\x38\x01\x40\x01", "schema_cap", "M has more than 1 unknown fields"),
+        (b"\x0a\x00", "decode_error", "M.v: wire type 2, expected 0"),
+        (b"\x08\x01\x08\x02", "decode_error", "M.v occurs more than once"),
+        (b"\x1a\x00" * 3, "schema_cap", "M has more than 2 r, cap 2"),
+        (b"\x12\x04abcd", "schema_cap", "M.s is 4 bytes, over the 3-byte bound"),
+        (b"\x22\x0c" + bytes(12), "schema_cap", "M has more than 2 f, cap 2"),
+        (b"\x22\x00" * 3, "schema_cap", "M has more than 2 f, cap 2"),  # an empty packed record counts
+        (b"\x22\x03abc", "decode_error", "M.f: packed length 3 is not a multiple of 4"),
+        (b"\x2a\x02\x0a\x00", "decode_error", "M.sub[0].x: wire type 2, expected 0"),
+        (b"\x2a\x00\x2a\x00", "decode_error", "M.sub occurs more than once"),
+    ],
+)
+def test_prescan_refuses_each_broken_rule_with_its_reason(data: bytes, reason: str, detail: str) -> None:
+    with pytest.raises(WireError) as err:
+        scan.scan(data, _TINY, _ONE_UNKNOWN)
+    assert (err.value.reason, err.value.detail) == (reason, detail)
+
+
+def test_a_partial_prescan_stops_quietly_where_the_bytes_end() -> None:
+    for prefix in (b"\x08", b"\x08\xff", b"\x12\x03a", b"\x2a\x02\x08", b"\x31\x00"):
+        scan.scan(prefix, _TINY, _ONE_UNKNOWN, partial=True)
+        with pytest.raises(WireError):
+            scan.scan(prefix, _TINY, _ONE_UNKNOWN)
+    with pytest.raises(WireError, match="M.s is 4 bytes"):
+        scan.scan(b"\x12\x04a", _TINY, _ONE_UNKNOWN, partial=True)  # the length alone breaks the bound
+
+
+# -- envelope limits at their boundaries (mutation-tested, issue 13) ---------------------------------
+
+
+def test_message_id_is_the_sha256_of_the_envelope_bytes(identity: Identity) -> None:
+    import hashlib
+
+    data = seal(identity, Kind.HEARTBEAT, b"")
+    assert wire.message_id(data) == hashlib.sha256(data).digest() == open_envelope(data, CAPS).message_id
+
+
+def test_envelope_size_limits_are_inclusive(identity: Identity) -> None:
+    data = seal(identity, Kind.HEARTBEAT, b"")
+    assert open_envelope(data, WireCaps(max_message_bytes=len(data))).raw == data
+    assert seal(identity, Kind.HEARTBEAT, b"", max_message_bytes=len(data)) == data
+    with pytest.raises(WireError):
+        seal(identity, Kind.HEARTBEAT, b"", max_message_bytes=len(data) - 1)
+
+
+def test_seal_applies_the_receivers_payload_cap_of_8x_the_message_cap(identity: Identity) -> None:
+    """A batch's derived cap is far larger than 8 x 1024: the 8x cap decides (and zeros compress)."""
+    assert len(seal(identity, Kind.ROLLOUT_BATCH, bytes(8 * 1024), max_message_bytes=1024)) < 1024
+    with pytest.raises(WireError) as err:
+        seal(identity, Kind.ROLLOUT_BATCH, bytes(8 * 1024 + 1), max_message_bytes=1024)
+    assert err.value.reason == "oversize" and "8193 bytes, over the 8192-byte cap" in err.value.detail
+
+
+def test_an_uncompressed_payload_of_exactly_the_cap_is_accepted(identity: Identity) -> None:
+    caps = WireCaps(max_payload_bytes=100)
+    body = bytes(100)
+    env = open_envelope(seal_body(identity, Kind.HEARTBEAT, body, wire_pb2.COMPRESSION_NONE), caps)
+    assert wire.open_payload(env, caps) == body
+
+
+def test_a_multi_chunk_payload_inflates_whole_and_only_its_first_chunk_is_prechecked(
+    identity: Identity,
+) -> None:
+    payload = bytes(range(256)) * 3000  # 768,000 bytes: three inflate chunks
+    env = open_envelope(seal_body(identity, Kind.ROLLOUT_BATCH, zlib.compress(payload)), CAPS)
+    assert wire.open_payload(env, CAPS) == payload  # no pre-check given
+    seen: list[int] = []
+    assert wire.open_payload(env, CAPS, check_prefix=lambda out: seen.append(len(out))) == payload
+    assert seen == [256 * 1024]
+
+
+def test_sequences_start_at_the_clock_or_one() -> None:
+    assert Sequencer(clock=lambda: 0.0).next() == 1

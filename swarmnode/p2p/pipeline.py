@@ -387,7 +387,11 @@ class ValidationPipeline:
     def snapshot(self) -> dict[str, object]:
         """Counts and peer standings for status and metrics."""
         return {
-            "counts": {f"{kind.name.lower()}/{reason}": n for (kind, reason), n in self.counts.items()},
+            # a kind outside Kind (an unknown topic) is kept as its bare number
+            "counts": {
+                f"{str(getattr(kind, 'name', kind)).lower()}/{reason}": n
+                for (kind, reason), n in self.counts.items()
+            },
             "peers": self.scores.snapshot(),
             "banned": self.scores.banned(),
         }
