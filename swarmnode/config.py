@@ -109,6 +109,14 @@ class GRPOConfig(_Section):
     importance_cap: float = Field(
         1.0, gt=0.0, le=100.0, description="truncation of the importance weight pi_local / pi_sender"
     )
+    external_logprob_floor: float | None = Field(
+        None,
+        lt=0.0,
+        allow_inf_nan=False,
+        description="poisoning defence (None = off): an external completion whose log-prob under this "
+        "node's policy, summed over its tokens and divided by max_completion_length, is below this many "
+        "nats per token gets zero weight (metric rows_zeroed_low_likelihood); see docs/DESIGN.md",
+    )
 
 
 class SamplerConfig(_Section):
@@ -153,6 +161,18 @@ class P2PConfig(_Section):
     score_threshold: float = Field(-20.0, description="peers scoring below this are disconnected")
     ban_seconds: float = Field(300.0, ge=0.0, description="how long a disconnected peer is ignored")
     receive_queue: int = Field(1024, ge=1, description="bounded queue of accepted messages")
+    publish_zero_variance: bool = Field(
+        False,
+        description="also publish own groups whose rewards are all equal (receivers verify and drop "
+        "them as zero_variance: no learning signal, only traffic and verification work)",
+    )
+    rollout_shards: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="rollout topic shards (docs/DESIGN.md, traffic bounded by use): a node publishes and "
+        "subscribes to shard sha256(peer id) mod this only; 1 = one topic for all, as in protocol v1",
+    )
     min_peers_at_start: int = Field(
         0, ge=0, description="wait for this many peers before round 0 (simulations start in step)"
     )

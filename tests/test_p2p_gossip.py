@@ -303,3 +303,50 @@ def test_adversarial_messages_are_rejected_with_their_reason_and_a_banned_peer_i
     assert adversary not in {p["peer_id"] for p in status["peers"]}
     late = sent_ids(ev[3], after=next(e["t"] for e in ev[3] if e["event"] == "attack") + 1.0)
     assert late and not late & received_ids(ev[1])
+
+
+def test_with_two_rollout_shards_a_node_gets_every_batch_of_its_shard_and_none_of_the_other(
+    short_tmp: Path, free_port: Callable[[], int], processes: Any
+) -> None:
+    """Issue 11 item 2: with ``p2p.rollout_shards = 2`` a batch reaches its author's shard only, in
+    full, and the other shard's batches never even reach this node's validation pipeline."""
+    from swarmnode.p2p.host import shard_of
+
+    wanted_shards = [0, 1, 0, 1]  # the bootstraps (0, 1) sit in different shards
+    swarm = Swarm.create(short_tmp, 4, free_port)
+    for i, shard in enumerate(wanted_shards):
+        for _ in range(200):  # keys are random: draw until the peer id lands in the wanted shard
+            if shard_of(swarm.peer_ids[i], 2) == shard:
+                break
+            swarm.keys[i].unlink()
+            swarm.peer_ids[i] = Identity.load_or_create(swarm.keys[i]).peer_id
+        assert shard_of(swarm.peer_ids[i], 2) == shard
+    sharded = ("--set", "rollout_shards=2")
+    procs = [
+        processes.start(swarm.args(i, str(i), None, 6.0, *sharded), short_tmp / f"n{i}.log") for i in range(4)
+    ]
+
+    def rollout_meshed(tag: str) -> bool:
+        peers = [e for e in read_events(swarm.out(tag)) if e["event"] == "peers"]
+        return bool(peers) and peers[-1].get("mesh_peers", {}).get("ROLLOUT_BATCH", 0) >= 1
+
+    tags = ["0", "1", "2", "3"]
+    assert wait_until(lambda: all(rollout_meshed(t) for t in tags), MESH_WAIT_S), (
+        f"a node found no peer of its shard; see {short_tmp}"
+    )
+    swarm.start_file.touch()
+    codes = wait_all(procs, timeout=MESH_WAIT_S)
+    assert codes == [0, 0, 0, 0], f"exit codes {codes}; see logs in {short_tmp}"
+    ev = {t: read_events(swarm.out(t)) for t in tags}
+    for mine, other_shard in (("0", ("1", "3")), ("2", ("1", "3")), ("1", ("0", "2")), ("3", ("0", "2"))):
+        partner = {"0": "2", "2": "0", "1": "3", "3": "1"}[mine]
+        sent = sent_ids(ev[partner])
+        assert len(sent) >= 3 and sent <= received_ids(ev[mine]), f"node {mine} missed its shard partner"
+        foreign = set().union(*(sent_ids(ev[o]) for o in other_shard))
+        assert not foreign & received_ids(ev[mine]), f"node {mine} got the other shard's batches"
+        status = final_status(ev[mine])
+        assert status["msgs_in"] == len(received_ids(ev[mine])), "another shard's batch reached validation"
+        assert status["mesh_peers"]["ROLLOUT_BATCH"] >= 1
+        # the host counts what crossed its connections: at least every batch it accepted
+        accepted_bytes = sum(e["bytes"] for e in ev[mine] if e["event"] == "recv")
+        assert status["wire_bytes_in"] >= accepted_bytes > 0

@@ -3,7 +3,7 @@
 It runs the real network side (P2PClient -> supervised libp2p host), publishes signed rollout
 batches of a given size at a given rate, drains what arrives, and writes JSON lines:
 ``ready`` (peer id, addresses), ``peers`` (connected and mesh peers, while waiting for
-``--start-when``), ``sent`` (sequence, message id, time), ``recv`` (origin, sequence,
+``--start-when``; a start file holding a Unix time sets the common start tick), ``sent`` (sequence, message id, time), ``recv`` (origin, sequence,
 message id, latency), ``attack`` (adversary mode: what was sent) and a final ``status``.
 
     python -m swarmnode.p2p.gossip_node --key K --run-dir D --listen /ip4/127.0.0.1/tcp/4001 \\
@@ -59,8 +59,9 @@ ATTACKS = ("forged_signature", "tampered_payload", "oversize", "replay", "garbag
 class BatchMaker:
     """Signed rollout-batch envelopes of about ``payload_bytes`` bytes (random text, so zlib cannot shrink it away)."""
 
-    def __init__(self, identity: Identity, payload_bytes: int, seed: int) -> None:
+    def __init__(self, identity: Identity, payload_bytes: int, seed: int, groups: int = 1) -> None:
         self.identity = identity
+        self.groups = max(1, groups)
         self.rng = random.Random(seed)
         self.model_id = f"gossip-{identity.peer_id[-6:]}"
         # Calibrate text length to the sealed size once: zlib on random letters keeps ~60 %.
@@ -69,25 +70,27 @@ class BatchMaker:
         self.chars = max(64, int(payload_bytes / ratio))
 
     def batch(self, sequence: int, chars: int | None = None, created_at: float | None = None) -> bytes:
-        chars = self.chars if chars is None else chars
+        chars = (self.chars if chars is None else chars) // self.groups
         # Stay under the default cap of 8192 characters per completion by adding completions.
         count = max(COMPLETIONS_PER_GROUP, -(-chars // MAX_COMPLETION_CHARS))
         per_completion = max(1, chars // count)
-        completions = tuple(
-            "".join(self.rng.choices(string.ascii_letters + string.digits, k=per_completion))
-            for _ in range(count)
-        )
-        group = RolloutGroup(
-            task=BENCH_TASK,
-            question="bench question",
-            completions=completions,
-            finished=(True,) * count,
-            model_id=self.model_id,
-            round=sequence,
-            created_at=time.time(),
-        )
+        groups = [
+            RolloutGroup(
+                task=BENCH_TASK,
+                question="bench question",
+                completions=tuple(
+                    "".join(self.rng.choices(string.ascii_letters + string.digits, k=per_completion))
+                    for _ in range(count)
+                ),
+                finished=(True,) * count,
+                model_id=self.model_id,
+                round=sequence,
+                created_at=time.time(),
+            )
+            for _ in range(self.groups)
+        ]
         return encode_rollout_batch(
-            [group],
+            groups,
             node_round=sequence,
             sequence=sequence,
             model_id=self.model_id,
@@ -160,16 +163,28 @@ def wait_for_start_file(
     Tests start publishing on an event (every node saw its peers), not on a guessed warm-up time.
     """
     deadline = time.monotonic() + timeout
-    last: tuple[list[str], list[str]] | None = None
+    last: tuple[list[str], list[str], dict[str, int]] | None = None
     while not path.exists():
         if should_stop() or time.monotonic() > deadline:
             raise RuntimeError(f"{path} did not appear within {timeout:.0f} s; not publishing")
         status = client.status()
-        now = (sorted(p.peer_id for p in status.peers), sorted(p.peer_id for p in status.peers if p.in_mesh))
+        now = (
+            sorted(p.peer_id for p in status.peers),
+            sorted(p.peer_id for p in status.peers if p.in_mesh),
+            status.mesh_peers,
+        )
         if now != last:
-            log.write("peers", connected=now[0], mesh=now[1])
+            log.write("peers", connected=now[0], mesh=now[1], mesh_peers=now[2])
             last = now
         time.sleep(STOP_CHECK_S)
+
+
+def start_time_from_file(path: Path) -> float:
+    """The Unix time written in the start file (so that all nodes share one tick), else now."""
+    try:
+        return float(path.read_text().strip()[:32])
+    except (OSError, ValueError):
+        return time.time()
 
 
 def run(args: argparse.Namespace, log: JsonLines, should_stop: Callable[[], bool]) -> None:
@@ -186,11 +201,15 @@ def run(args: argparse.Namespace, log: JsonLines, should_stop: Callable[[], bool
             status = client.status()
             log.write("ready", peer_id=status.peer_id, listen_addrs=list(status.listen_addrs),
                       pid=os.getpid(), host_pid=client.host_pid)  # fmt: skip
-            maker = BatchMaker(identity, args.payload_bytes, seed=args.seed)
+            maker = BatchMaker(identity, args.payload_bytes, seed=args.seed, groups=args.groups)
             rng = random.Random(args.seed)
-            if args.start_when is not None:
-                wait_for_start_file(args.start_when, client, log, should_stop)
             start = args.start_at or time.time()
+            if args.start_when is not None:
+                wait_for_start_file(args.start_when, client, log, should_stop, timeout=args.start_wait)
+                start = start_time_from_file(args.start_when) + args.phase
+            status = client.status()  # counters at the start, so benches can take window deltas
+            log.write("start", start=start, msgs_in=status.msgs_in, wire_bytes_in=status.wire_bytes_in,
+                      wire_bytes_out=status.wire_bytes_out)  # fmt: skip
             end = start + args.duration
             next_send, sequence, sent = start, 0, 0
             attacks = list(ATTACKS) if args.adversary else []
@@ -230,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", action="append", default=[], help="multiaddr to listen on (repeatable)")
     parser.add_argument("--bootstrap", action="append", default=[], help="bootstrap multiaddr (repeatable)")
     parser.add_argument("--payload-bytes", type=int, default=8192, help="sealed envelope size to publish")
+    parser.add_argument("--groups", type=int, default=1, help="rollout groups per batch")
     parser.add_argument("--rate", type=float, default=1.0, help="batches per second")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of publishing")
     parser.add_argument("--start-at", type=float, default=0.0, help="Unix time to start publishing (0 = now)")
@@ -241,6 +261,15 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="start publishing once this file exists (writes peers events)",
+    )
+    parser.add_argument(
+        "--start-wait", type=float, default=START_WAIT_S, help="longest wait for --start-when (seconds)"
+    )
+    parser.add_argument(
+        "--phase",
+        type=float,
+        default=0.0,
+        help="with --start-when: seconds after the start file's time (a Unix time, else now) to start",
     )
     parser.add_argument(
         "--linger", type=float, default=3.0, help="seconds to keep receiving after the last send"

@@ -18,8 +18,15 @@ socket closes. Everything here runs in one trio event loop:
   counted) and forwarded to the node;
 - publishes wait while any peer's outbound queue holds 4 or more RPCs (the library drops silently
   at 32), for a bounded time, then count a drop;
-- bootstraps are dialed with backoff forever; Kademlia (server mode, random walk) and a tiny
-  peer-list protocol (swarmnode.p2p.discovery) find the rest;
+- bootstraps are dialed with backoff forever; Kademlia (server mode, random walks only while the
+  host needs peers) and a tiny peer-list protocol (swarmnode.p2p.discovery) find the rest;
+- with ``p2p.rollout_shards`` = K > 1 rollout batches use the host's shard topic only
+  (``shard_of``, ``topics_for``; docs/DESIGN.md "Cost per node against swarm size"), and the host
+  dials peers of its own shard first;
+- per-RPC costs of py-libp2p 0.8.1 cut without dropping a check: yamux window updates batched,
+  verified peer records remembered (``SignedRecordCache``), no task spawned for a copy ``push_msg``
+  would drop at once (``GuardedPubsub.skip_seen_copies``); ``SWARMNODE_P2P_BASELINE=1`` turns the
+  cuts off for before/after measurements;
   peers whose pubsub stream died while the connection stayed up are disconnected and redialed;
 - with no peers the host keeps running and reports ``silo``.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -48,9 +56,12 @@ from libp2p.abc import INetStream
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.exceptions import ParseError, ValidationError
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub import gossipsub as libp2p_gossipsub
+from libp2p.pubsub import pubsub as libp2p_pubsub
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
@@ -80,7 +91,7 @@ from swarmnode.wire import Kind, message_id
 
 log = logging.getLogger("swarmnode.p2p.host")
 
-TOPICS: dict[str, str] = {kind.name: kind.topic for kind in Kind}
+TOPICS: dict[str, str] = {kind.name: kind.topic for kind in Kind}  # unsharded (rollout_shards = 1)
 # Measured (LIBP2P.md): per-peer RPC queues drop silently at 32; waiting below 4 delivered 200/200.
 PEER_QUEUE_HIGH_WATER = 4
 PUBLISH_MAX_WAIT_S = 2.0
@@ -97,6 +108,124 @@ MAX_DIAL_STATES = 4096
 BAN_LOG_INTERVAL_S = 10.0  # at most one "banned" log line per interval; the rest are counted
 BAN_FILE_MAX_BYTES = 4 * 1024 * 1024
 BAN_SAVE_INTERVAL_S = 5.0  # a flood of bans rewrites the file at most this often (and once at exit)
+PROFILE_ENV = "SWARMNODE_P2P_PROFILE"  # a directory: the host writes a cProfile dump there on exit
+# Measurement only: "1" restores the py-libp2p 0.8.1 behaviour this host changes for cost (a yamux
+# window update per read; Kademlia random walks whatever the connection count; peer records
+# re-verified and rebuilt on every RPC; a task spawned per duplicate copy), so
+# scripts/bench_gossip.py --compare-baseline measures before and after in one run. Never in production.
+BASELINE_ENV = "SWARMNODE_P2P_BASELINE"
+MAX_CONNECTIONS_SHARDED = 24  # sharded: stop dialing for own-shard peers beyond this many connections
+ADDR_CACHE_S = 10.0  # status snapshots reuse a peer's formatted addresses this long
+
+
+def shard_of(peer_id: str, shards: int) -> int:
+    """The rollout shard of a peer: the first 8 bytes of sha256(peer id text), big-endian, mod ``shards``.
+
+    A function of the peer id alone, so a host knows the shard of any peer it has heard of before
+    dialing it, and nodes agree on it without a protocol.
+    """
+    if shards <= 1:
+        return 0
+    return int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:8], "big") % shards
+
+
+def topics_for(shards: int, shard: int) -> dict[str, str]:
+    """Kind name -> topic; with ``shards`` > 1 rollout batches go to ``<topic>/<shards>/<shard>``."""
+    topics = {kind.name: kind.topic for kind in Kind}
+    if shards > 1:
+        topics[Kind.ROLLOUT_BATCH.name] = f"{Kind.ROLLOUT_BATCH.topic}/{shards}/{shard}"
+    return topics
+
+
+class SignedRecordCache:
+    """Skips py-libp2p's repeated peer-record work on every pubsub RPC, keeping its checks.
+
+    py-libp2p 0.8.1 attaches the sender's signed peer record to every RPC it sends, rebuilding it
+    from the host's addresses each time, and verifies the record of every RPC it receives (Ed25519
+    verify plus a rewrite of the peer's addresses in the peerstore): ~7 % of a host's CPU in the
+    gossip bench. Here a record that verified is remembered per (receiving host, peer, exact bytes)
+    for ``ttl_s``, at most ``capacity`` of them: the same bytes from the same peer would verify the
+    same way, so the RPC is let through without redoing it (that host's peerstore already holds
+    those addresses). Any other bytes take the library's full path, and a failure is never
+    remembered. A host's own record is rebuilt at most every ``own_s``.
+    """
+
+    def __init__(self, capacity: int = 4096, ttl_s: float = 600.0, own_s: float = 10.0) -> None:
+        self.capacity, self.ttl_s, self.own_s = capacity, ttl_s, own_s
+        self.verified: OrderedDict[tuple[ID, ID, bytes], float] = OrderedDict()
+        self.hits = 0
+        self._own: dict[ID, tuple[float, tuple[bytes, bool]]] = {}
+
+    def wrap_consume(self, consume: Callable[[Any, Any, ID], bool]) -> Callable[[Any, Any, ID], bool]:
+        def consume_cached(msg: Any, host: Any, peer_id: ID) -> bool:
+            if not msg.HasField("senderRecord"):
+                return True
+            key, now = (host.get_id(), peer_id, bytes(msg.senderRecord)), time.monotonic()
+            seen = self.verified.get(key)
+            if seen is not None and now - seen < self.ttl_s:
+                self.hits += 1
+                return True
+            ok = consume(msg, host, peer_id)
+            if ok:
+                self.verified[key] = now
+                self.verified.move_to_end(key)
+                while len(self.verified) > self.capacity:
+                    self.verified.popitem(last=False)
+            return ok
+
+        return consume_cached
+
+    def wrap_own(self, make: Callable[[Any], tuple[bytes, bool]]) -> Callable[[Any], tuple[bytes, bool]]:
+        def own_cached(host: Any) -> tuple[bytes, bool]:
+            now, me = time.monotonic(), host.get_id()
+            cached = self._own.get(me)
+            if cached is None or now - cached[0] >= self.own_s:
+                if len(self._own) >= 64:  # one host per process in production; tests run a few
+                    self._own.clear()
+                cached = self._own[me] = (now, make(host))
+            return cached[1]
+
+        return own_cached
+
+
+# Bytes read from and written to this process's libp2p TCP connections (Noise, yamux, every
+# protocol, duplicates included): what a node pays on the wire. Counted by a wrapper on
+# RawConnection, once per process (one host per process outside the tests).
+WIRE_BYTES = {"in": 0, "out": 0}
+
+
+def count_wire_bytes() -> None:
+    if getattr(RawConnection, "_swarmnode_counted", False):
+        return
+    read, write = RawConnection.read, RawConnection.write
+
+    async def counted_read(self: RawConnection, n: int | None = None) -> bytes:
+        data = await read(self, n)
+        WIRE_BYTES["in"] += len(data)
+        return data
+
+    async def counted_write(self: RawConnection, data: bytes) -> None:
+        await write(self, data)
+        WIRE_BYTES["out"] += len(data)
+
+    RawConnection.read, RawConnection.write = counted_read, counted_write  # type: ignore[method-assign]
+    RawConnection._swarmnode_counted = True  # type: ignore[attr-defined]
+
+
+_record_cache: SignedRecordCache | None = None
+
+
+def install_record_cache() -> SignedRecordCache:
+    """Patch py-libp2p's module-level peer-record helpers once per process; returns the cache."""
+    global _record_cache
+    if _record_cache is None:
+        _record_cache = SignedRecordCache()
+        for module in (libp2p_pubsub, libp2p_gossipsub):
+            module.maybe_consume_signed_record = _record_cache.wrap_consume(
+                module.maybe_consume_signed_record
+            )  # type: ignore[attr-defined]
+            module.env_to_send_in_RPC = _record_cache.wrap_own(module.env_to_send_in_RPC)  # type: ignore[attr-defined]
+    return _record_cache
 
 
 def content_message_id(msg: rpc_pb2.Message) -> bytes:
@@ -148,6 +277,27 @@ class GuardedPubsub(Pubsub):
     """
 
     on_bad_signature: Callable[[ID], None] = staticmethod(lambda _forwarder: None)
+    seen_copies_skipped = 0
+
+    def skip_seen_copies(self) -> None:
+        """Do not spawn a task for a copy that ``push_msg`` would drop at once (seen, blacklisted).
+
+        The library's stream reader spawns ``push_msg`` as a managed task for every message of
+        every RPC, duplicates included (~70 % of the copies at N = 8 with degree 4), and each spawn
+        walks the service's whole task tree to find its parent. ``push_msg`` returns at once for
+        such a copy, so not spawning it changes nothing but the cost. Call once the pubsub service
+        runs (its manager exists).
+        """
+        manager = self.manager
+        run_task = manager.run_task
+
+        def run_task_unless_dropped(async_fn: Any, *args: Any, **kwargs: Any) -> None:
+            if async_fn == self.push_msg and len(args) == 2 and self._drops_before_signature(*args):
+                self.seen_copies_skipped += 1
+                return None
+            return run_task(async_fn, *args, **kwargs)
+
+        manager.run_task = run_task_unless_dropped  # type: ignore[method-assign]
 
     async def validate_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
         for topic_validator in self.get_msg_validators(msg):
@@ -262,6 +412,18 @@ class SwarmHost:
         )
         self.pubsub.on_bad_signature = self._on_libp2p_bad_signature
         self.dht = KadDHT(self.host, DHTMode.SERVER, enable_random_walk=True)
+        self.baseline = os.environ.get(BASELINE_ENV) == "1"
+        self.work: dict[str, int] = defaultdict(int)  # work done or skipped on purpose (not drops)
+        self._addr_cache: dict[ID, tuple[float, list[str]]] = {}
+        self._listen_cache: tuple[float, list[str]] = (-math.inf, [])
+        self.shards = cfg.rollout_shards
+        self.shard = shard_of(self.my_id.to_base58(), self.shards)
+        self.topics = topics_for(self.shards, self.shard)
+        self.record_cache: SignedRecordCache | None = None
+        count_wire_bytes()
+        if not self.baseline:
+            self._gate_random_walks()
+            self.record_cache = install_record_cache()
         self.peer_exchange = PeerListExchange(self.host, accept_peer=lambda peer: not self._is_banned(peer))
         self.next_peer_exchange = 0.0
         self.bootstraps = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in cfg.bootstrap]
@@ -281,6 +443,8 @@ class SwarmHost:
         self._accepted_tx, self._accepted_rx = trio.open_memory_channel[Deliver](cfg.receive_queue)
         self._ipc_tx, self._ipc_rx = trio.open_memory_channel[bytes](IPC_WRITE_QUEUE)
         self._guard_dials()
+        self.profiler: Any = None  # a cProfile.Profile when PROFILE_ENV is set (measurement only)
+        self.profile_path: Path | None = None
         self._library_drops = _LibraryDrops(self._on_library_drop)
         logging.getLogger("libp2p.pubsub.pubsub").addFilter(self._library_drops)
         self.load_bans()
@@ -367,6 +531,29 @@ class SwarmHost:
                 self.dial_state.popitem(last=False)
         return state
 
+    def _gate_random_walks(self) -> None:
+        """Run Kademlia random walks only while this host needs peers (``_needs_peers``).
+
+        py-libp2p 0.8.1 re-runs a batch of random walks (each dozens of DHT queries, every one a new
+        stream) at start, every 120 s and on every auto-connector discovery, whatever the connection
+        count: with the per-read yamux window updates, an idle node at N = 8 spent ~11 ms CPU/s, and
+        half of that went once walks stopped when the node had its peers. The DHT stays in server
+        mode (it answers others' queries), and the walks resume as soon as peers are needed.
+        """
+        manager = self.dht.rt_refresh_manager
+        if manager is None:
+            return
+        do_refresh = manager._do_refresh
+
+        async def gated_refresh(force: bool = False) -> None:
+            if not self._needs_peers(set(self.host.get_connected_peers())):
+                self.work["random_walks_skipped"] += 1
+                return
+            self.work["random_walks_run"] += 1
+            await do_refresh(force=force)
+
+        manager._do_refresh = gated_refresh  # type: ignore[method-assign]
+
     def _guard_dials(self) -> None:
         """Refuse dials to banned peers at the network, where Kademlia's and our own dials all pass."""
         network = self.host.get_network()
@@ -430,7 +617,9 @@ class SwarmHost:
             trio.open_nursery() as nursery,
         ):
             await self.pubsub.wait_until_ready()
-            for kind, topic in TOPICS.items():
+            if not self.baseline:
+                self.pubsub.skip_seen_copies()
+            for kind, topic in self.topics.items():
                 self.pubsub.set_topic_validator(topic, self._validator(kind), is_async_validator=False)
                 subscription = await self.pubsub.subscribe(topic)
                 nursery.start_soon(self._drain_subscription, kind, subscription)
@@ -444,10 +633,18 @@ class SwarmHost:
             try:
                 await self._ipc_read_loop(ipc)  # returns on Shutdown or when the node goes away
             finally:
+                self._dump_profile()
                 nursery.cancel_scope.cancel()
                 logging.getLogger("libp2p.pubsub.pubsub").removeFilter(self._library_drops)
                 if self._bans_dirty:
                     self.save_bans()
+
+    def _dump_profile(self) -> None:
+        """Write the cProfile dump at once on shutdown: the node kills a host that is slow to stop."""
+        if self.profiler is not None and self.profile_path is not None:
+            self.profiler.disable()
+            with contextlib.suppress(OSError):
+                self.profiler.dump_stats(str(self.profile_path))
 
     # ----------------------------------------------------------------- IPC
     async def _ipc_read_loop(self, ipc: trio.SocketStream) -> None:
@@ -539,7 +736,7 @@ class SwarmHost:
             if not await self._wait_for_peer_queues():
                 self.drops["publish_backpressure"] += 1
                 continue
-            topic = TOPICS[item.kind]
+            topic = self.topics[item.kind]
             await self.pubsub.publish(topic, item.data)
             self.totals["msgs_out"] += 1
             self.totals["bytes_out"] += len(item.data)
@@ -592,11 +789,16 @@ class SwarmHost:
         self._update_silo(connected)
 
         wanted = [info.peer_id for info in self.bootstraps]
-        if len(connected) < self.cfg.degree_high:
+        if self._needs_peers(connected):
             if connected and now >= self.next_peer_exchange:
                 await self.peer_exchange.ask_some()
                 self.next_peer_exchange = now + PEER_EXCHANGE_INTERVAL_S
-            wanted += list(self.host.get_peerstore().peers_with_addrs())
+            known = list(self.host.get_peerstore().peers_with_addrs())
+            if len(connected) < self.cfg.degree_high:
+                wanted += known
+            # Sharded: peers of our own shard first (their shard follows from their id); once we
+            # have degree_high connections, only those, up to MAX_CONNECTIONS_SHARDED.
+            wanted = [p for p in known if self._same_shard(p)] + wanted
         to_dial: list[ID] = []
         for peer in dict.fromkeys(wanted):
             if peer == self.my_id or peer in connected or self._is_banned(peer):
@@ -609,6 +811,18 @@ class SwarmHost:
         async with trio.open_nursery() as nursery:
             for peer in to_dial:
                 nursery.start_soon(self._dial, peer)
+
+    def _same_shard(self, peer: ID) -> bool:
+        return self.shards <= 1 or shard_of(peer.to_base58(), self.shards) == self.shard
+
+    def _needs_peers(self, connected: set[ID]) -> bool:
+        """Below degree_high connections; sharded, also below ``degree`` peers of our own shard
+        (while under MAX_CONNECTIONS_SHARDED connections in all)."""
+        if len(connected) < self.cfg.degree_high:
+            return True
+        if self.shards <= 1 or len(connected) >= MAX_CONNECTIONS_SHARDED:
+            return False
+        return sum(1 for peer in connected if self._same_shard(peer)) < self.cfg.degree
 
     async def _dial(self, peer: ID) -> None:
         info = PeerInfo(peer, self.host.get_peerstore().addrs(peer))
@@ -679,12 +893,23 @@ class SwarmHost:
         bans = scores.ban_records(limit=SNAPSHOT_MAX_BANNED)
         return {
             "peer_id": self.my_id.to_base58(),
-            "listen_addrs": [str(a) for a in self.host.get_addrs()][:16],
+            "listen_addrs": self._listen_addrs(),
             "peers": peers,
             "peers_total": len(self.peers),
             **self.totals,
             "verdicts": dict(verdicts),
             "drops": dict(self.drops),
+            "work": dict(self.work)
+            | {
+                "peer_record_cache_hits": self.record_cache.hits if self.record_cache else 0,
+                "seen_copies_not_spawned": self.pubsub.seen_copies_skipped,
+            },
+            "mesh_peers": {
+                kind: len(self.gossipsub.mesh.get(topic, ())) for kind, topic in self.topics.items()
+            },
+            "rollout_shard": [self.shard, self.shards],
+            "wire_bytes_in": WIRE_BYTES["in"],
+            "wire_bytes_out": WIRE_BYTES["out"],
             "banned": [b.peer_id for b in bans],
             "banned_peers": [
                 {"peer_id": b.peer_id, "reason": b.reason, "expires_at": b.until, "bans": b.bans}
@@ -696,10 +921,26 @@ class SwarmHost:
         }
 
     def _addrs_of(self, peer: ID) -> list[str]:
+        """A peer's addresses as text; formatting multiaddrs was ~10 % of an idle host's CPU at two
+        snapshots a second, so each peer's list is reused for ADDR_CACHE_S."""
+        now = time.monotonic()
+        cached = self._addr_cache.get(peer)
+        if cached is not None and now - cached[0] < ADDR_CACHE_S:
+            return cached[1]
         try:
-            return sorted({str(a) for a in self.host.get_peerstore().addrs(peer)})[:8]
+            addrs = sorted({str(a) for a in self.host.get_peerstore().addrs(peer)})[:8]
         except Exception:  # the peerstore raises for a peer without stored addresses
-            return []
+            addrs = []
+        if len(self._addr_cache) >= 2 * SNAPSHOT_MAX_PEERS:
+            self._addr_cache = {p: v for p, v in self._addr_cache.items() if p in self.peers}
+        self._addr_cache[peer] = (now, addrs)
+        return addrs
+
+    def _listen_addrs(self) -> list[str]:
+        now = time.monotonic()
+        if now - self._listen_cache[0] >= ADDR_CACHE_S:
+            self._listen_cache = (now, [str(a) for a in self.host.get_addrs()][:16])
+        return self._listen_cache[1]
 
     async def _snapshot_loop(self) -> None:
         while True:
@@ -740,9 +981,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default=os.environ.get("SWARMNODE_P2P_LOG", "INFO"))
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    if os.environ.get(BASELINE_ENV) != "1":
+        # py-libp2p's yamux sends a WINDOW_UPDATE frame after every read by default (each one
+        # encrypted, written and handled by the peer): 70 % of the frames a host wrote in the gossip
+        # bench. "0" keeps go-yamux's rule: an update once half the receive window is consumed.
+        os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
     cfg = P2PConfig.model_validate_json(args.config.read_text())
     identity = Identity.load_or_create(args.key)
     host = SwarmHost(cfg, identity, args.ipc, ban_file=args.ban_file)
+    profile_dir = os.environ.get(PROFILE_ENV)
+    if profile_dir:  # measurement only (scripts/bench_gossip.py --profile): cProfile of the whole loop
+        import cProfile
+
+        host.profiler = cProfile.Profile(time.process_time)  # CPU time: waits off the core do not count
+        host.profile_path = Path(profile_dir) / f"host-{os.getpid()}.prof"
+        host.profiler.enable()
     try:
         trio.run(host.run)
     except KeyboardInterrupt:

@@ -171,6 +171,10 @@ class P2PStatus:
     banned_total: int = 0  # bans in force; the snapshot lists at most SNAPSHOT_MAX_BANNED of them
     peers_total: int = 0  # connected peers; the snapshot lists at most SNAPSHOT_MAX_PEERS of them
     silo: bool = True  # no peers: the node trains alone
+    mesh_peers: dict[str, int] = field(default_factory=dict)  # gossipsub mesh size per kind's topic
+    work: dict[str, int] = field(default_factory=dict)  # work the host did or skipped on purpose (not drops)
+    wire_bytes_in: int = 0  # bytes read from all libp2p connections (every protocol, duplicates included)
+    wire_bytes_out: int = 0
     restarts: int = 0
     host_running: bool = False
     snapshot_at: float = 0.0  # host time of the snapshot (0 = none yet)
@@ -198,6 +202,10 @@ class P2PStatus:
             banned_total=snapshot.get("banned_total", len(banned_peers)),
             peers_total=snapshot.get("peers_total", len(peers)),
             silo=snapshot.get("silo", True),
+            mesh_peers=dict(snapshot.get("mesh_peers", {})),
+            work=dict(snapshot.get("work", {})),
+            wire_bytes_in=snapshot.get("wire_bytes_in", 0),
+            wire_bytes_out=snapshot.get("wire_bytes_out", 0),
             snapshot_at=snapshot.get("snapshot_at", 0.0),
             **node_side,
         )

@@ -1,0 +1,229 @@
+"""The host's cost cuts (issue 11 items 2 and 3), each on real py-libp2p objects.
+
+- rollout shards: a pure function of the peer id, one topic per shard, and shard-aware dialing;
+- the peer-record cache: the library's own check still decides every record it has not seen
+  verify, a tampered record is still refused, and a verified one is not re-verified;
+- Kademlia random walks run only while the host needs peers;
+- the status snapshot carries the rollout mesh size per kind (benches wait on it).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from libp2p import new_host
+from libp2p.peer.id import ID
+from libp2p.peer.peerstore import env_to_send_in_RPC
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.utils import maybe_consume_signed_record
+
+from swarmnode.config import P2PConfig
+from swarmnode.identity import Identity
+from swarmnode.p2p import host as host_module
+from swarmnode.p2p.host import SignedRecordCache, SwarmHost, shard_of, topics_for
+from swarmnode.p2p.ipc import FrameDecoder, P2PStatus, Snapshot, encode_frame
+from swarmnode.wire import Kind
+
+
+def ids(count: int) -> list[str]:
+    return [Identity.generate().peer_id for _ in range(count)]
+
+
+# ----------------------------------------------------------------------------- shards
+def test_shard_is_a_function_of_the_peer_id_and_spreads_peers_over_all_shards() -> None:
+    peers = ids(400)
+    shards = [shard_of(peer, 4) for peer in peers]
+    assert shards == [shard_of(peer, 4) for peer in peers]  # same id, same shard, no state
+    counts = Counter(shards)
+    assert set(counts) == {0, 1, 2, 3}
+    assert min(counts.values()) >= 60  # 100 expected per shard; a constant or skewed map fails
+    assert {shard_of(peer, 1) for peer in peers} == {0}
+
+
+def test_unsharded_topics_are_protocol_v1_and_each_shard_has_its_own_rollout_topic() -> None:
+    assert topics_for(1, 0) == {kind.name: kind.topic for kind in Kind}
+    sharded = [topics_for(4, shard) for shard in range(4)]
+    assert len({t[Kind.ROLLOUT_BATCH.name] for t in sharded}) == 4
+    assert {t[Kind.HEARTBEAT.name] for t in sharded} == {Kind.HEARTBEAT.topic}  # heartbeats stay global
+    assert topics_for(2, 1)[Kind.ROLLOUT_BATCH.name] != topics_for(4, 1)[Kind.ROLLOUT_BATCH.name]
+
+
+def make_host(tmp: Path, **cfg: Any) -> SwarmHost:
+    return SwarmHost(P2PConfig(listen=["/ip4/127.0.0.1/tcp/0"], **cfg), Identity.generate(), tmp / "ipc.sock")
+
+
+def test_a_sharded_host_keeps_dialing_until_it_has_degree_peers_of_its_own_shard(tmp_path: Path) -> None:
+    host = make_host(tmp_path, rollout_shards=4)
+    peers = [ID.from_base58(p) for p in ids(200)]
+    mine = [p for p in peers if shard_of(p.to_base58(), 4) == host.shard]
+    others = [p for p in peers if shard_of(p.to_base58(), 4) != host.shard]
+    degree, high = host.cfg.degree, host.cfg.degree_high
+    assert host._needs_peers(set(others[: high - 1]))  # too few connections at all
+    assert host._needs_peers(set(others[:high]))  # enough connections, none in our shard
+    assert host._needs_peers(set(others[:high] + mine[: degree - 1]))
+    assert not host._needs_peers(set(others[:high] + mine[:degree]))
+    # bounded: past MAX_CONNECTIONS_SHARDED it stops looking even without own-shard peers
+    assert not host._needs_peers(set(others[: host_module.MAX_CONNECTIONS_SHARDED]))
+    unsharded = make_host(tmp_path / "u")
+    assert not unsharded._needs_peers(set(others[:high]))
+
+
+# ----------------------------------------------------------------------------- peer-record cache
+def rpc_with_record(record: bytes) -> rpc_pb2.RPC:
+    rpc = rpc_pb2.RPC()
+    rpc.senderRecord = record
+    return rpc
+
+
+def test_the_record_cache_verifies_each_new_record_once_and_still_refuses_a_tampered_one() -> None:
+    sender, receiver = new_host(), new_host()
+    record, _ = env_to_send_in_RPC(sender)
+    calls: list[bytes] = []
+
+    def counting(msg: rpc_pb2.RPC, host: Any, peer_id: ID) -> bool:
+        calls.append(bytes(msg.senderRecord))
+        return maybe_consume_signed_record(msg, host, peer_id)  # the library's real check
+
+    cache = SignedRecordCache(capacity=8)
+    consume = cache.wrap_consume(counting)
+    for _ in range(5):
+        assert consume(rpc_with_record(record), receiver, sender.get_id())
+    assert len(calls) == 1 and cache.hits == 4
+    tampered = bytearray(record)
+    tampered[-1] ^= 0x01  # inside the signature
+    for _ in range(2):  # a failure is never remembered: verified (and refused) each time
+        assert not consume(rpc_with_record(bytes(tampered)), receiver, sender.get_id())
+    assert len(calls) == 3
+    # The genuine record presented as another peer's: the library refuses it, and so do we.
+    assert not consume(rpc_with_record(record), receiver, new_host().get_id())
+    assert consume(rpc_pb2.RPC(), receiver, sender.get_id())  # no record: nothing to check
+    assert len(calls) == 4
+
+
+def test_the_record_cache_is_bounded_and_forgets_after_its_ttl() -> None:
+    receiver = new_host()
+    senders = [new_host() for _ in range(5)]
+    records = [env_to_send_in_RPC(s)[0] for s in senders]
+    calls: list[int] = []
+
+    def counting(msg: rpc_pb2.RPC, host: Any, peer_id: ID) -> bool:
+        calls.append(1)
+        return maybe_consume_signed_record(msg, host, peer_id)
+
+    cache = SignedRecordCache(capacity=3)
+    consume = cache.wrap_consume(counting)
+    for sender, record in zip(senders, records, strict=True):
+        assert consume(rpc_with_record(record), receiver, sender.get_id())
+    assert len(cache.verified) == 3 and len(calls) == 5
+    assert consume(rpc_with_record(records[0]), receiver, senders[0].get_id())  # evicted: verified again
+    assert len(calls) == 6
+    expiring = SignedRecordCache(ttl_s=0.0).wrap_consume(counting)
+    for _ in range(2):
+        assert expiring(rpc_with_record(records[1]), receiver, senders[1].get_id())
+    assert len(calls) == 8
+
+
+def test_a_hosts_own_record_is_rebuilt_at_most_every_own_s_and_kept_per_host() -> None:
+    made: list[ID] = []
+
+    def make(host: Any) -> tuple[bytes, bool]:
+        made.append(host.get_id())
+        return env_to_send_in_RPC(host)
+
+    a, b = new_host(), new_host()
+    own = SignedRecordCache(own_s=3600.0).wrap_own(make)
+    assert own(a) == own(a) and own(b) != own(a)
+    assert made == [a.get_id(), b.get_id()]
+    fresh = SignedRecordCache(own_s=0.0).wrap_own(make)
+    fresh(a)
+    fresh(a)
+    assert made.count(a.get_id()) == 3
+
+
+# ----------------------------------------------------------------------------- random walks
+def test_random_walks_run_only_while_the_host_needs_peers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(host_module.BASELINE_ENV, "1")  # build it ungated, then gate around a spy
+    host = make_host(tmp_path)
+    manager = host.dht.rt_refresh_manager
+    assert manager is not None
+    walks: list[bool] = []
+
+    async def spy_refresh(force: bool = False) -> None:
+        walks.append(force)
+
+    manager._do_refresh = spy_refresh  # type: ignore[method-assign]
+    host._gate_random_walks()
+    connected: list[ID] = []
+    monkeypatch.setattr(host.host, "get_connected_peers", lambda: list(connected))
+    trio.run(manager._do_refresh, True)
+    assert walks == [True] and host.work["random_walks_run"] == 1
+    connected.extend(ID.from_base58(p) for p in ids(host.cfg.degree_high))
+    trio.run(manager._do_refresh, True)
+    assert walks == [True] and host.work["random_walks_skipped"] == 1
+    connected.pop()
+    trio.run(manager._do_refresh, False)
+    assert walks == [True, False]
+
+
+def test_the_snapshot_reports_mesh_sizes_per_kind_and_the_rollout_shard(tmp_path: Path) -> None:
+    host = make_host(tmp_path, rollout_shards=2)
+    (frame,) = FrameDecoder().feed(encode_frame(Snapshot(host.snapshot())))
+    status = P2PStatus.from_snapshot(frame.status)
+    assert status.mesh_peers == {Kind.ROLLOUT_BATCH.name: 0, Kind.HEARTBEAT.name: 0}
+    assert frame.status["rollout_shard"] == [host.shard, 2]
+    assert host.topics[Kind.ROLLOUT_BATCH.name] == f"{Kind.ROLLOUT_BATCH.topic}/2/{host.shard}"
+
+
+def test_the_protocol_docs_shard_example_matches_the_code() -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md").read_text()
+    peer = "12D3KooWA4Xop1JaT3MHxwYMkCepYsv4iPVopMXwCz5iHYdBfeSB"
+    topic = topics_for(4, shard_of(peer, 4))[Kind.ROLLOUT_BATCH.name]
+    assert f"`{peer}` in shard {shard_of(peer, 4)}, topic\n`{topic}`" in doc
+
+
+class RecordingManager:
+    """Stands in for the pubsub service's task manager (isolates the spawn decision)."""
+
+    def __init__(self) -> None:
+        self.spawned: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def run_task(self, async_fn: Any, *args: Any, **kwargs: Any) -> None:
+        self.spawned.append((async_fn, args))
+
+
+def test_a_copy_push_msg_would_drop_at_once_is_not_spawned_and_anything_else_is(tmp_path: Path) -> None:
+    pubsub = make_host(tmp_path).pubsub
+    manager = RecordingManager()
+    pubsub._manager = manager  # type: ignore[attr-defined]
+    pubsub.skip_seen_copies()
+    forwarder = ID.from_base58(ids(1)[0])
+    author = new_host()
+    msg = rpc_pb2.Message(
+        data=b"envelope", topicIDs=[Kind.HEARTBEAT.topic], from_id=author.get_id().to_bytes()
+    )
+    pubsub.manager.run_task(pubsub.push_msg, forwarder, msg)
+    assert len(manager.spawned) == 1  # first copy: the library's path, validation included
+    pubsub._mark_msg_seen(msg)
+    pubsub.manager.run_task(pubsub.push_msg, forwarder, msg)
+    assert len(manager.spawned) == 1 and pubsub.seen_copies_skipped == 1
+    other = rpc_pb2.Message(
+        data=b"other", topicIDs=[Kind.HEARTBEAT.topic], from_id=author.get_id().to_bytes()
+    )
+    pubsub.manager.run_task(pubsub.push_msg, forwarder, other)
+    pubsub.add_to_blacklist(forwarder)  # a blacklisted forwarder's copy is dropped at once too
+    pubsub.manager.run_task(pubsub.push_msg, forwarder, rpc_pb2.Message(data=b"3", from_id=msg.from_id))
+
+    async def unrelated() -> None:
+        return None
+
+    pubsub.manager.run_task(unrelated)  # other tasks pass through untouched
+    # (blacklisting spawns the library's own teardown of that peer)
+    spawned = [fn for fn, _ in manager.spawned]
+    assert spawned == [pubsub.push_msg, pubsub.push_msg, pubsub._teardown_if_connected, unrelated]
+    assert pubsub.seen_copies_skipped == 2
