@@ -304,6 +304,14 @@ def test_each_kind_publishes_its_attack(tmp_path: Path):
         assert group.completions[0].startswith("pwn <answer>") and len(group.completions) == 8
         assert sum("pwn" in c for c in group.completions) == 1
 
+    mismatcher = _adversary(tmp_path, "mismatcher")
+    mismatcher.step()
+    _, groups = _groups(mismatcher.client.published[0][1])
+    for group in groups:  # the text is not what the reference regenerates to; the answers are right for it
+        task = mismatcher.registry.regenerate(group.task)
+        assert group.question != task.question and group.question.startswith(task.question)
+        assert group.completions[0] == f"<answer>{task.answer}</answer>"
+
     sybil = _adversary(tmp_path, "sybil", identities=5)
     for _ in range(5):
         sybil.step()
@@ -342,3 +350,72 @@ def _honest_payload(adversary) -> bytes:
 
     groups = trainable_groups(adversary.tasks(2), adversary.rng, "honest", 0)
     return encode_rollout_batch(groups, node_round=0, sequence=1, model_id="honest", created_at=time.time())
+
+
+def _write_node(run: Path, index: int, rows: list[dict], bans: list[dict] | None = None) -> str:
+    node = run / f"node-{index}"
+    (node / "p2p").mkdir(parents=True)
+    peer_id = Identity.load_or_create(node / "identity.key").peer_id
+    (node / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if bans is not None:
+        (node / "p2p" / "p2p-bans.json").write_text(json.dumps({"version": 1, "bans": bans}))
+    return peer_id
+
+
+def test_summary_counts_forged_and_unknown_sources_rejections_floor_and_bans(tmp_path: Path):
+    from swarmnode.sim.adversary import adversary_summary
+
+    forger = _adversary(tmp_path, "forger")
+    forger.stats.write(force=True)
+    # the key its envelopes claim is one of its ids: anything trained on under it is counted as the forger's
+    assert forger.victim.peer_id in forger.stats.record["peer_ids"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adversary-forger-0").symlink_to(forger.data_dir)
+    other = Identity.generate().peer_id
+    rows = [{"round": 0, "used_by_source": {"HONEST": 3, forger.victim.peer_id: 1, "12D3KooWunknown": 2},
+             "rejected_by_source": {forger.identity.peer_id: 4},
+             "rejected_by_reason": {"zero_variance": 4}, "rows_zeroed_low_likelihood": 2.0}]  # fmt: skip
+    honest = _write_node(run, 1, [])
+    rows[0]["used_by_source"][honest] = rows[0]["used_by_source"].pop("HONEST")
+    _write_node(run, 0, rows, bans=[
+        {"peer_id": forger.identity.peer_id, "reason": "bad_signature", "until": 1e12, "bans": 1},
+        {"peer_id": other, "reason": "rate_limited", "until": 1e12, "bans": 1},
+    ])  # fmt: skip
+    summary = adversary_summary(run)
+    assert summary["groups_used_from_adversaries"] == {"forger": 1}
+    assert summary["groups_used_from_honest_peers"] == 3
+    assert summary["groups_used_from_unknown_sources"] == 2
+    assert summary["groups_rejected_from_adversaries"] == {"forger": 4}
+    assert summary["intake_rejected_by_reason"] == {"zero_variance": 4}
+    assert summary["rows_zeroed_low_likelihood"] == 2.0
+    assert summary["bans_of_adversaries"] == {"forger": {"bad_signature": 1}}  # not the other peer's ban
+
+
+def test_suite_table_compares_each_configuration_with_the_clean_run(tmp_path: Path):
+    from swarmnode.sim.adversary import control_strings, suite_markdown, suite_table
+
+    raw = {"name": "t", "nodes": 1, "rounds": 2, "seeds": [0, 1],
+           "configuration": [{"name": "clean"}, {"name": "chaos", "chaos": {"kill_every_s": 5}}]}  # fmt: skip
+    experiment = parse_experiment(raw, "test")
+    accuracy = {("clean", 0): 0.30, ("clean", 1): 0.40, ("chaos", 0): 0.20, ("chaos", 1): 0.22}
+    for (name, seed), acc in accuracy.items():
+        run = tmp_path / "runs" / name / f"seed-{seed}"
+        rows = [{"round": 0, "reward_mean": 0.5}, {"round": 1, "reward_mean": 1.0, "eval_accuracy": acc}]
+        _write_node(run, 0, rows)
+        (run / "done.json").write_text("{}")
+        if name == "chaos":
+            kills = [{"rounds_lost": seed}, {"rounds_lost": None}]
+            (run / "chaos.json").write_text(json.dumps({"kills": kills, "restarts": 2, "unsettled": 1}))
+    table = suite_table(tmp_path, experiment)
+    clean, chaos = table["rows"]
+    assert clean["heldout_accuracy"][0] == pytest.approx(0.35)
+    assert clean["heldout_accuracy"][1] == pytest.approx(0.0707107, rel=1e-5)  # sample std over seeds
+    assert chaos["heldout_accuracy_delta"] == pytest.approx(-0.14)
+    assert (clean["within_one_std_of_baseline"], chaos["within_one_std_of_baseline"]) == (True, False)
+    assert chaos["cumulative_reward_ratio"] == pytest.approx(1.0)
+    assert chaos["restarts"] == 4 and chaos["restarts_unsettled"] == 2
+    assert chaos["rounds_lost_per_restart"] == [0, 1]
+    assert "| chaos | 2 | 0.210 ± 0.014 | -0.140 | **no** |" in suite_markdown(table)
+    controls = control_strings("pwn", 8)
+    assert len(set(controls)) == 8 and "pwn" not in controls and {len(c) for c in controls} == {3}

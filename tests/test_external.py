@@ -24,8 +24,10 @@ def _encode(text: str) -> list[int]:
     return [ord(c) % 97 for c in text]
 
 
-def _intake(registry: TaskRegistry) -> ExternalIntake:
-    return ExternalIntake(registry, _encode, lambda text, done: _encode(text) + ([0] if done else []), 16)
+def _intake(registry: TaskRegistry, max_tokens: int = 64) -> ExternalIntake:
+    return ExternalIntake(
+        registry, _encode, lambda text, done: _encode(text) + ([0] if done else []), max_tokens
+    )
 
 
 def _group(
@@ -55,8 +57,33 @@ def test_external_group_is_rescored_by_the_local_verifier_and_retokenized(regist
     result = _intake(registry).process(group)
     assert result.reason is IntakeReason.ACCEPTED
     assert result.scored.rewards == (1.0, 0.0, 0.0, 1.0)
-    assert result.scored.completion_ids[0] == tuple((_encode(right) + [0])[:16])
+    assert result.scored.completion_ids[0] == tuple(_encode(right) + [0])
     assert result.scored.prompt_ids == tuple(_encode(group.question))
+
+
+def test_a_completion_over_the_local_token_budget_scores_what_is_trained_on(registry):
+    """A correct answer longer than this node's max_completion_length is cut to it, and the cut has
+    lost its answer: it scores 0 (no positive advantage for a prefix); a group left with no
+    variance is dropped, the reason named."""
+    right, wrong = _right_and_wrong(registry)
+    budget = len(right) + 1  # the right answer with its EOS fits exactly
+    long_right = "x" * 40 + right
+    _, group = _group(registry, [long_right, right, wrong, wrong])
+    result = _intake(registry, budget).process(group)
+    assert result.reason is IntakeReason.ACCEPTED and result.scored.rewards == (0.0, 1.0, 0.0, 0.0)
+    assert [len(ids) for ids in result.scored.completion_ids] == [
+        budget,
+        budget,
+        len(wrong) + 1,
+        len(wrong) + 1,
+    ]
+    _, only_long = _group(registry, [long_right, wrong])
+    dropped = _intake(registry, budget).process(only_long)
+    assert (dropped.reason, dropped.detail) == (
+        IntakeReason.ZERO_VARIANCE,
+        f"1 completions over {budget} tokens score 0",
+    )
+    assert _intake(registry, budget + 40).process(only_long).scored.rewards == (1.0, 0.0)
 
 
 def test_question_not_matching_its_reference_is_dropped_and_reported(registry):
@@ -172,3 +199,137 @@ def test_variance_strategy_prefers_high_variance_groups():
 def test_unknown_strategy_names_the_choices():
     with pytest.raises(ValueError, match="uniform"):
         get_strategy("smartest")
+
+
+# -- intake outcomes with their details, and the pool's bookkeeping (mutation-tested, issue 13) ------
+
+
+class RecordingWorker:
+    """Stands in for the isolated scoring worker: records what it is asked, answers a fixed score."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.calls: list[tuple[TaskRef, tuple[str, ...]]] = []
+        self.closed = False
+
+    def score(self, ref, completions):
+        self.calls.append((ref, tuple(completions)))
+        return self.answer
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_worker_outcomes_become_intake_reasons_with_the_workers_detail(registry):
+    from swarmnode.tasks.worker import ScoreStatus, WorkerScore
+
+    right, wrong = _right_and_wrong(registry)
+    _, group = _group(registry, [right, wrong + "x" * (registry.max_completion_chars + 50)])
+    for answer, reason in [
+        (WorkerScore(ScoreStatus.OVER_BUDGET, detail="cpu 2 s"), IntakeReason.SCORING_TIMEOUT),
+        (WorkerScore(ScoreStatus.ERROR, detail="worker died"), IntakeReason.SCORING_ERROR),
+    ]:
+        worker = RecordingWorker(answer)
+        intake = ExternalIntake(registry, _encode, lambda t, d: _encode(t), 16, worker=worker)
+        result = intake.process(group)
+        assert (result.reason, result.detail, result.scored) == (reason, answer.detail, None)
+        ((ref, texts),) = worker.calls
+        assert ref == group.task
+        # one character past the cap is enough for the scorer to see the text is too long
+        assert [len(t) for t in texts] == [len(right), registry.max_completion_chars + 1]
+        intake.close()
+        assert worker.closed
+
+
+def test_accepted_group_keeps_the_group_and_ends_only_finished_completions_with_eos(registry):
+    right, wrong = _right_and_wrong(registry)
+    _, group = _group(registry, [right, wrong])
+    group = replace(group, finished=(False, True))
+    intake = ExternalIntake(registry, _encode, lambda text, done: _encode(text) + ([0] if done else []), 64)
+    result = intake.process(group)
+    assert result.reason is IntakeReason.ACCEPTED and result.scored.group is group and result.detail == ""
+    assert result.scored.completion_ids == (tuple(_encode(right)), tuple(_encode(wrong) + [0]))
+
+
+def test_refusals_name_what_was_refused(registry):
+    right, wrong = _right_and_wrong(registry)
+    task, group = _group(registry, [right, wrong])
+    empty = _intake(registry).process(replace(group, completions=(), finished=()))
+    assert (empty.reason, empty.detail) == (IntakeReason.EMPTY, "group has no completions")
+    empty_pre = _intake(registry).precheck(replace(group, completions=()))
+    assert (empty_pre.reason, empty_pre.detail) == (IntakeReason.EMPTY, "group has no completions")
+    forged = _intake(registry).process(replace(group, question=group.question + " "))
+    assert (forged.reason, forged.detail) == (IntakeReason.QUESTION_MISMATCH, f"task {group.task.key()}")
+    unknown = _intake(registry).process(replace(group, task=replace(group.task, dataset="no_such_dataset")))
+    assert unknown.reason is IntakeReason.TASK_UNKNOWN and "no_such_dataset" in unknown.detail
+    precheck = _intake(registry).precheck(replace(group, task=replace(group.task, dataset="no_such_dataset")))
+    assert precheck.reason is IntakeReason.TASK_UNKNOWN and "no_such_dataset" in precheck.detail
+
+
+def test_fingerprints_are_32_hex_digits_and_separate_completions():
+    from swarmnode.rl.external import group_fingerprint
+
+    a = _scored("a", 0).group
+
+    fp = group_fingerprint(a)
+    assert len(fp) == 32 and int(fp, 16) >= 0
+    joined = replace(a, completions=(a.completions[0] + a.completions[1],), finished=(True,))
+    assert group_fingerprint(joined) != fp
+
+
+def test_pool_full_evicts_the_oldest_group_and_counts_each():
+    pool = ExternalPool(SamplerConfig(pool_size=4))  # one sender may hold max(1, 4 // 4) = 1
+    for i in range(7):
+        assert pool.add(_scored(f"s{i}", i))
+    assert [p.scored.group.question for p in pool.eligible()] == ["q3", "q4", "q5", "q6"]
+    assert pool.evicted["pool_full"] == 3 and pool.eligible()[0].origin == ""
+    first = pool.eligible()[:1]
+    pool.take(first)
+    pool.take(first)  # taking a group that already left is harmless
+    assert len(pool) == 3 and not pool.contains(first[0].scored.group)
+
+
+def test_expiry_keeps_a_group_exactly_at_the_age_limit_and_counts_each_lag():
+    now = [1000.0]
+    pool = ExternalPool(SamplerConfig(max_age_s=10, max_round_lag=2, pool_size=64), clock=lambda: now[0])
+    pool.add(_scored("a", 0, round_=5, created_at=990.0))  # 10 s old: still fresh
+    for i in (1, 2):
+        pool.add(_scored("a", i, round_=2, created_at=now[0]))  # 5 - 2 = 3 > 2: lagging
+    pool.add(_scored("a", 3, round_=3, created_at=now[0]))  # exactly max_round_lag behind: kept
+    assert {p.scored.group.question for p in pool.eligible()} == {"q0", "q3"}
+    assert pool.evicted["round_lag"] == 2
+
+
+def test_a_senders_round_is_its_highest_seen_even_out_of_order():
+    pool = ExternalPool(SamplerConfig(max_round_lag=0, pool_size=64))
+    assert pool.add(_scored("a", 0, round_=0))  # a new sender at round 0 is not lagging
+    assert [p.scored.group.question for p in pool.eligible()] == ["q0"]
+    pool.add(_scored("b", 1, round_=5))
+    pool.add(_scored("b", 2, round_=4))  # arrives late: round 4 < 5
+    assert {p.scored.group.question for p in pool.eligible()} == {"q0", "q1"}
+
+
+def test_round_memory_is_bounded_and_forgets_the_least_recent_sender():
+    from swarmnode.rl.external import IntakeLimits
+
+    pool = ExternalPool(SamplerConfig(max_round_lag=2, pool_size=64), limits=IntakeLimits(seen_memory=2))
+    for i, source in enumerate(("a", "b", "c")):
+        pool.add(_scored(source, i, round_=10))
+    assert pool.add(_scored("a", 10, round_=0))  # "a" was forgotten: nothing to lag behind
+    assert pool.add(_scored("c", 11, round_=0))
+    questions = {p.scored.group.question for p in pool.eligible()}
+    assert "q10" in questions and "q11" not in questions and pool.evicted["round_lag"] == 1
+
+
+def test_a_dataset_unsafe_on_foreign_text_is_refused_before_scoring():
+    from swarmnode.tasks.presets import TaskSpec
+    from swarmnode.tasks.registry import TaskRegistry as Registry
+
+    refusing = Registry("easy", eval_size=20, verify_extra=(TaskSpec("spiral_matrix"),))
+    task = refusing.regenerate(refusing.eval_tasks(2)[1].ref)
+    assert task.ref.dataset == "spiral_matrix"
+    group = RolloutGroup(task.ref, task.question, ("a", "b"), (True, True), "m", 0, 0.0, "peer")
+    note = refusing.foreign_text_policy("spiral_matrix").note
+    for check in (_intake(refusing).precheck, _intake(refusing).process):
+        result = check(group)
+        assert (result.reason, result.detail) == (IntakeReason.DATASET_REFUSED, f"spiral_matrix: {note}")

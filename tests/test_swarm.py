@@ -109,6 +109,8 @@ def test_every_node_receives_verifies_and_trains_on_external_groups(swarm):
         assert received > 0 and accepted > 0 and used > 0, (index, received, accepted, used)
         # Re-scored locally: zero-variance groups were dropped by this node's own verifier.
         assert any(r["rejected_by_reason"].get("zero_variance", 0) for r in rows) or accepted < received
+        # Its own groups without reward variance were not sent (p2p.publish_zero_variance = false).
+        assert sum(r["unpublished_zero_variance"] for r in rows) > 0
         honest_peers = set(swarm["peer_ids"]) - {swarm["peer_ids"][index]}
         sources = {peer for r in rows for peer in r["used_by_source"]}
         assert sources and sources <= honest_peers, sources

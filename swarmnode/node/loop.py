@@ -138,17 +138,17 @@ class Node:
         counters = RoundCounters()
         if self.rt.network is None:
             return counters
-        for origin, groups, latency, msg_id in self.rt.network.receive_rollouts():
-            counters.latencies.append(latency)
+        for batch in self.rt.network.receive_rollouts():
+            counters.latencies.append(batch.latency_s)
             received_at = time.time()
-            for group in groups:
+            for group in batch.groups:
                 counters.received += 1
                 refused = self.rt.intake.precheck(group)
                 if refused is None:
-                    dropped = self.pool.offer(group, origin, received_at, msg_id)
+                    dropped = self.pool.offer(group, batch.origin, received_at, batch.msg_id, batch.forwarder)
                     refused = None if dropped is None else IntakeResult(dropped)
                 if refused is not None:
-                    self._count_rejection(counters, origin, refused, msg_id)
+                    self._count_rejection(counters, batch.origin, refused, batch.msg_id)
         wanted = self.cfg.sampler.external_groups
         if wanted > 0:
             wanted += self.pool.limits.lookahead
@@ -188,8 +188,11 @@ class Node:
         round_start = time.perf_counter()
         local, gen_stats = self.generate_local(round_index)
         published = 0
+        # Groups without reward variance carry no signal for anyone: receivers verify and drop them
+        # (zero_variance), so they are not sent unless p2p.publish_zero_variance asks for it.
+        shared = [s.group for s in local if cfg.p2p.publish_zero_variance or s.reward_std > 0]
         if rt.network is not None and local:
-            published = rt.network.publish_rollouts([s.group for s in local], node_round=round_index)
+            published = rt.network.publish_rollouts(shared, node_round=round_index)
         intake = self.take_in_external()
         local_rewards = [r for s in local for r in s.rewards]
         pass_rate = sum(local_rewards) / len(local_rewards) if local_rewards else 0.0
@@ -218,6 +221,7 @@ class Node:
             "frac_zero_std": (sum(1 for s in local if s.reward_std == 0) / len(local)) if local else 0.0,
             **gen_stats,
             "published": published,
+            "unpublished_zero_variance": len(local) - len(shared) if rt.network is not None else 0,
             "received": intake.received,
             "accepted": intake.accepted,
             "rejected_by_reason": dict(intake.rejected),

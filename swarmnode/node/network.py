@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from swarmnode import wire
 from swarmnode.admin.network_view import NetworkView
@@ -22,6 +23,16 @@ from swarmnode.p2p.ipc import P2PStatus
 from swarmnode.rl.records import RolloutGroup
 
 log = logging.getLogger(__name__)
+
+
+class ReceivedBatch(NamedTuple):
+    """A rollout batch a peer sent, as the round loop takes it in."""
+
+    origin: str  # the envelope's author (its verified signer)
+    groups: list[RolloutGroup]
+    latency_s: float  # gossip latency: receive time minus the batch's creation time
+    msg_id: str  # content id of the message
+    forwarder: str = ""  # the connected peer that delivered it (the lane intake shares are kept by)
 
 
 class SwarmNetwork:
@@ -99,10 +110,9 @@ class SwarmNetwork:
         )
         return self.client.publish(wire.Kind.HEARTBEAT, sealed)
 
-    def receive_rollouts(self) -> Iterator[tuple[str, list[RolloutGroup], float, str]]:
-        """(author, groups, gossip latency in s, message id) for each batch that arrived; heartbeats go
-        to the view. The message id lets a later verdict on a group blame the connection that
-        delivered it (``report(..., msg_id=...)``)."""
+    def receive_rollouts(self) -> Iterator[ReceivedBatch]:
+        """Each rollout batch that arrived; heartbeats go to the view. The message id lets a later
+        verdict on a group blame the connection that delivered it (``report(..., msg_id=...)``)."""
         for item in self.client.drain(self.cfg.p2p.receive_queue):
             try:
                 message = wire.decode_message(wire.open_envelope(item.data, self.caps), self.caps)
@@ -115,7 +125,8 @@ class SwarmNetwork:
                 self.view.observe(message, item.origin, item.received_at)
                 continue
             batch = message
-            yield item.origin, batch.groups, max(0.0, item.received_at - batch.created_at), item.msg_id
+            latency = max(0.0, item.received_at - batch.created_at)
+            yield ReceivedBatch(item.origin, batch.groups, latency, item.msg_id, item.forwarder)
 
     def report(self, peer_id: str, reason: str, msg_id: str = "") -> None:
         """Tell the host a group from ``peer_id`` failed the node's own checks; with the message id

@@ -4,15 +4,18 @@ Two stages (docs/DESIGN.md "As built", intake bounded by use):
 
 1. `ExternalPool.offer` keeps every received group as a cheap *candidate*: no scoring, no
    tokenizing; a de-duplication check against a bounded memory of fingerprints, a freshness check,
-   and bounds on the number of candidates, their bytes, and each sender's share of both.
+   and bounds on the number of candidates, their bytes, and each sender's share of both, and the
+   same share for each *connection* that delivered them (its lane): identities are free, so a
+   sybil swarm relayed over one connection gets one lane's share, not one share per identity.
 2. `ExternalPool.verify_for_use` runs the expensive part only for as many candidates as the
    sampler is about to use plus a bounded look-ahead (so a zero-variance pick is replaced), under
    a per-round limit on attempts and time. `ExternalIntake.process` regenerates the question from
    its task reference with the local task registry, drops it if the text differs or the reference
    is unknown (the sender is reported), refuses datasets whose scorer is unsafe on foreign text,
    scores the completions in the isolated scoring worker (swarmnode.tasks.worker; a group over its
-   CPU budget is reported and penalized), drops zero-variance groups (no learning signal; no
-   penalty), and re-tokenizes the text with the local tokenizer.
+   CPU budget is reported and penalized), re-tokenizes the text with the local tokenizer, scores 0
+   a completion longer than this node's own token budget (it is cut, and the cut loses its answer:
+   score what is trained on), and drops zero-variance groups (no learning signal; no penalty).
 
 Candidates that expire or are pushed out before anyone needed them are counted as skipped work
 (``intake_skipped``), never silently lost. The sampler picks from `eligible()`: verified groups.
@@ -150,11 +153,24 @@ class ExternalIntake:
         rewards = tuple(result.rewards)
         if max(rewards) == min(rewards):
             return IntakeResult(IntakeReason.ZERO_VARIANCE)
-        prompt_ids = tuple(self.encode_prompt(task.question))
-        completion_ids = tuple(
-            tuple(self.encode_completion(text, done)[: self.max_completion_tokens])
+        full_ids = [
+            self.encode_completion(text, done)
             for text, done in zip(group.completions, group.finished, strict=True)
-        )
+        ]
+        # Score what is trained on: a completion longer in local tokens than this node's own budget
+        # is cut to it, and the cut loses its answer, so it scores 0, as the node's own cut
+        # completions do (a correct 200-token answer cut to 48 tokens must not be trained on with a
+        # positive advantage).
+        over = [len(ids) > self.max_completion_tokens for ids in full_ids]
+        if any(over):
+            rewards = tuple(0.0 if cut else reward for reward, cut in zip(rewards, over, strict=True))
+            if max(rewards) == min(rewards):
+                return IntakeResult(
+                    IntakeReason.ZERO_VARIANCE,
+                    detail=f"{sum(over)} completions over {self.max_completion_tokens} tokens score 0",
+                )
+        prompt_ids = tuple(self.encode_prompt(task.question))
+        completion_ids = tuple(tuple(ids[: self.max_completion_tokens]) for ids in full_ids)
         scored = ScoredGroup(group, rewards, prompt_ids, completion_ids)
         return IntakeResult(IntakeReason.ACCEPTED, scored)
 
@@ -189,10 +205,52 @@ class Candidate:
     received_at: float
     size: int
     msg_id: str = ""  # content id of the message that carried it (blames its forwarder on a bad verdict)
+    forwarder: str = ""  # the connected peer that delivered it ("" when unknown)
 
     @property
     def source(self) -> str:
         return self.group.source
+
+    @property
+    def lane(self) -> str:
+        """The delivering connection, the unit of fairness identities cannot multiply."""
+        return self.forwarder or self.origin
+
+
+class _Shares:
+    """Candidate fingerprints per owner (a sender or a delivering connection), oldest first, with bytes."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, OrderedDict[str, None]] = {}
+        self.bytes: Counter[str] = Counter()
+
+    def add(self, owner: str, key: str, size: int) -> None:
+        self.keys.setdefault(owner, OrderedDict())[key] = None
+        self.bytes[owner] += size
+
+    def remove(self, owner: str, key: str, size: int) -> None:
+        mine = self.keys[owner]
+        del mine[key]
+        self.bytes[owner] -= size
+        if not mine:
+            del self.keys[owner], self.bytes[owner]
+
+    def oldest_over(self, owner: str, max_count: int, max_bytes: int) -> str | None:
+        """The owner's oldest key while it holds more than its share, else None."""
+        mine = self.keys.get(owner)
+        if mine and (len(mine) > max_count or self.bytes[owner] > max_bytes):
+            return next(iter(mine))
+        return None
+
+
+def round_robin(queues: list[list[str]]) -> list[str]:
+    """The first item of every queue in turn, then the second of every queue, and so on."""
+    order: list[str] = []
+    depth = 0
+    while any(depth < len(q) for q in queues):
+        order.extend(q[depth] for q in queues if depth < len(q))
+        depth += 1
+    return order
 
 
 @dataclass(frozen=True)
@@ -242,8 +300,8 @@ class ExternalPool:
         self._groups: OrderedDict[str, PooledGroup] = OrderedDict()  # fingerprint -> verified, oldest first
         # fingerprint -> unverified candidate, oldest first; and the same keys per sender, with bytes
         self._candidates: OrderedDict[str, Candidate] = OrderedDict()
-        self._by_source: dict[str, OrderedDict[str, None]] = {}
-        self._source_bytes: Counter[str] = Counter()
+        self._by_source = _Shares()
+        self._by_lane = _Shares()
         self._candidate_bytes = 0
         self._seen: OrderedDict[str, None] = OrderedDict()  # fingerprints verified or dropped before
         # sender -> highest node round seen; bounded like `_seen` (sybils bring many senders)
@@ -283,7 +341,12 @@ class ExternalPool:
 
     # -- stage 1: cheap candidates ---------------------------------------------------------------
     def offer(
-        self, group: RolloutGroup, origin: str, received_at: float | None = None, msg_id: str = ""
+        self,
+        group: RolloutGroup,
+        origin: str,
+        received_at: float | None = None,
+        msg_id: str = "",
+        forwarder: str = "",
     ) -> IntakeReason | None:
         """Keep a received group as a candidate; None when kept, else why it was dropped at once."""
         received_at = self.clock() if received_at is None else received_at
@@ -300,17 +363,20 @@ class ExternalPool:
         if size > per_source_bytes:
             return IntakeReason.CANDIDATE_CAP
         self._note_round(group)
-        source = group.source
-        self._candidates[key] = Candidate(group, origin, received_at, size, msg_id)
-        self._by_source.setdefault(source, OrderedDict())[key] = None
-        self._source_bytes[source] += size
+        candidate = Candidate(group, origin, received_at, size, msg_id, forwarder)
+        self._candidates[key] = candidate
+        self._by_source.add(candidate.source, key, size)
+        self._by_lane.add(candidate.lane, key, size)
         self._candidate_bytes += size
-        # One sender gets at most a quarter of the candidates (count and bytes): its oldest go first.
+        # One sender, and one delivering connection, gets at most a quarter of the candidates (count
+        # and bytes): its oldest go first.
         per_source_count = max(1, self.limits.max_candidates // 4)
-        while (
-            len(self._by_source[source]) > per_source_count or self._source_bytes[source] > per_source_bytes
+        for shares, owner, reason in (
+            (self._by_source, candidate.source, "per_source_cap"),
+            (self._by_lane, candidate.lane, "per_connection_cap"),
         ):
-            self._drop_candidate(next(iter(self._by_source[source])), "per_source_cap")
+            while (oldest := shares.oldest_over(owner, per_source_count, per_source_bytes)) is not None:
+                self._drop_candidate(oldest, reason)
         while self._candidates and (
             len(self._candidates) > self.limits.max_candidates
             or self._candidate_bytes > self.limits.max_candidate_bytes
@@ -321,11 +387,8 @@ class ExternalPool:
     def _drop_candidate(self, key: str, reason: str) -> Candidate:
         candidate = self._candidates.pop(key)
         self._candidate_bytes -= candidate.size
-        mine = self._by_source[candidate.source]
-        del mine[key]
-        self._source_bytes[candidate.source] -= candidate.size
-        if not mine:
-            del self._by_source[candidate.source], self._source_bytes[candidate.source]
+        self._by_source.remove(candidate.source, key, candidate.size)
+        self._by_lane.remove(candidate.lane, key, candidate.size)
         if reason:
             self.skipped[reason] += 1
         return candidate
@@ -339,19 +402,20 @@ class ExternalPool:
                 self._drop_candidate(key, "round_lag")
 
     def _verification_order(self, rng: random.Random) -> list[str]:
-        """Candidates to verify first: one per sender in turn (senders in random order), each
-        sender's newest first, so a flooder cannot monopolize the verification budget."""
-        by_source = {source: list(reversed(keys)) for source, keys in self._by_source.items()}  # newest first
-        sources = sorted(by_source)
-        rng.shuffle(sources)
-        order: list[str] = []
-        depth = 0
-        while len(order) < len(self._candidates):
-            for source in sources:
-                if depth < len(by_source[source]):
-                    order.append(by_source[source][depth])
-            depth += 1
-        return order
+        """Candidates to verify first: one per delivering connection in turn, and within a
+        connection one per sender in turn (both in random order), each sender's newest first, so
+        neither a flooder nor a sybil swarm behind one connection can monopolize the budget."""
+        lanes = sorted(self._by_lane.keys)
+        rng.shuffle(lanes)
+        per_lane: list[list[str]] = []
+        for lane in lanes:
+            by_source: dict[str, list[str]] = {}
+            for key in reversed(self._by_lane.keys[lane]):  # newest first
+                by_source.setdefault(self._candidates[key].source, []).append(key)
+            sources = sorted(by_source)
+            rng.shuffle(sources)
+            per_lane.append(round_robin([by_source[source] for source in sources]))
+        return round_robin(per_lane)
 
     # -- stage 2: verify what will be used ---------------------------------------------------------
     def verify_for_use(

@@ -45,6 +45,19 @@ It is truncated, and the cap is applied in log space, so a sender that lies abou
 reach the cap; a group whose claim is missing or malformed gets c_i = min(1, cap) under
 ``importance`` and its negatives 0 under ``topr``.
 
+Likelihood floor (the poisoning defence, off unless ``grpo.external_logprob_floor`` is set): an
+external completion gets c_i = 0 when
+
+    sum_t old_logp_t / L  <  external_logprob_floor            L = grpo.max_completion_length
+
+i.e. when the text is less likely under this node's policy of the start of the round than a
+full-length local completion at ``floor`` nats per token. Planted text (a marker the local model
+would never write) costs many nats per token; peers' samples of the same or a similar model cost
+well under one on average. Dividing by the local length L rather than the completion's own length
+makes padding a marker with likely text useless (every token only lowers the sum) and makes a short
+honest completion with one rare token pass. Such rows are counted (``rows_zeroed_low_likelihood``);
+their group's weight is not redistributed.
+
 Trust region (decoupled PPO, Hilton et al. 2022): the clip acts on pi_theta / pi_old, where pi_old is
 this node's policy at the start of the round (the "proximal" policy), for local and external tokens
 alike; the mismatch between the sender's policy and pi_old is carried by the truncated c_i, not by
@@ -524,6 +537,13 @@ def sequence_log_rho(
     return local_mean - behaviour_mean
 
 
+def below_likelihood_floor(
+    old_logp: torch.Tensor, mask: torch.Tensor, is_local: torch.Tensor, floor: float, length: int
+) -> torch.Tensor:
+    """Rows [B] of external completions under the likelihood floor of the module docstring."""
+    return ~is_local & ((old_logp * mask).sum(-1) / length < floor)
+
+
 def static_off_policy_factor(strategy: str, batch: Batch) -> torch.Tensor:
     """1 where a row may get a nonzero c_i before any log-prob is known, else 0 (rows not computed)."""
     if strategy == "positive_only":
@@ -729,6 +749,12 @@ class GRPOTrainer:
                         factor = off_policy_factor(
                             cfg.off_policy, mb.advantages, mb.is_local, log_rho, cfg.importance_cap
                         )
+                        if cfg.external_logprob_floor is not None:
+                            low = below_likelihood_floor(
+                                old, mask, mb.is_local, cfg.external_logprob_floor, cfg.max_completion_length
+                            )
+                            totals.add("low_likelihood", (low & (factor * mb.policy_weight > 0)).sum())
+                            factor = torch.where(low, torch.zeros_like(factor), factor)
                         row_weight = mb.policy_weight * factor * pg_scale
                         loss, stats = clipped_policy_loss(
                             logp,
@@ -785,6 +811,7 @@ class GRPOTrainer:
             "external_share_target": weights.external_share,
             "num_sources_capped": float(len(weights.capped_sources)),
             "rows_zeroed_off_policy": float(zeroed_rows),
+            "rows_zeroed_low_likelihood": totals.sums.get("low_likelihood", 0.0) / max(cfg.num_iterations, 1),
             "is_weight_mean": totals.ratio("is_weight", "is_rows") or 0.0,
             "is_frac_capped": totals.ratio("is_capped", "is_rows"),
             "is_rows_unknown": totals.sums.get("is_unknown", 0.0) / max(cfg.num_iterations, 1),
