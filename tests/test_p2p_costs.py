@@ -24,7 +24,7 @@ from libp2p.pubsub.utils import maybe_consume_signed_record
 from swarmnode.config import P2PConfig
 from swarmnode.identity import Identity
 from swarmnode.p2p import host as host_module
-from swarmnode.p2p.host import SignedRecordCache, SwarmHost, shard_of, topics_for
+from swarmnode.p2p.host import SignedRecordCache, SwarmHost, pruned_addr_cache, shard_of, topics_for
 from swarmnode.p2p.ipc import FrameDecoder, P2PStatus, Snapshot, encode_frame
 from swarmnode.wire import Kind
 
@@ -227,3 +227,11 @@ def test_a_copy_push_msg_would_drop_at_once_is_not_spawned_and_anything_else_is(
     spawned = [fn for fn, _ in manager.spawned]
     assert spawned == [pubsub.push_msg, pubsub.push_msg, pubsub._teardown_if_connected, unrelated]
     assert pubsub.seen_copies_skipped == 2
+
+
+def test_address_cache_pruning_keeps_connected_peers_and_stays_under_its_bound():
+    cache = {f"p{i}": (0.0, [f"/ip4/127.0.0.1/tcp/{i}"]) for i in range(1000)}
+    connected = {f"p{i}" for i in range(0, 1000, 2)}  # 500 connected, more than the cache keeps
+    pruned = pruned_addr_cache(cache, connected, 256)
+    assert list(pruned) == [f"p{i}" for i in range(488, 1000, 2)]  # the newest 256 connected ones
+    assert pruned_addr_cache(cache, {"p1", "p3"}, 256) == {"p1": cache["p1"], "p3": cache["p3"]}

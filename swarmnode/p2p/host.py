@@ -129,6 +129,13 @@ def shard_of(peer_id: str, shards: int) -> int:
     return int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:8], "big") % shards
 
 
+def pruned_addr_cache(cache: dict[Any, Any], connected: Any, keep: int) -> dict[Any, Any]:
+    """The newest ``keep`` entries of connected peers: pruning then happens once per ``keep``
+    inserts at most, even with more connected peers than the cache may hold (keeping every connected
+    peer would rebuild the cache on every insert)."""
+    return dict([(p, v) for p, v in cache.items() if p in connected][-keep:])
+
+
 def topics_for(shards: int, shard: int) -> dict[str, str]:
     """Kind name -> topic; with ``shards`` > 1 rollout batches go to ``<topic>/<shards>/<shard>``."""
     topics = {kind.name: kind.topic for kind in Kind}
@@ -932,7 +939,7 @@ class SwarmHost:
         except Exception:  # the peerstore raises for a peer without stored addresses
             addrs = []
         if len(self._addr_cache) >= 2 * SNAPSHOT_MAX_PEERS:
-            self._addr_cache = {p: v for p, v in self._addr_cache.items() if p in self.peers}
+            self._addr_cache = pruned_addr_cache(self._addr_cache, self.peers, SNAPSHOT_MAX_PEERS)
         self._addr_cache[peer] = (now, addrs)
         return addrs
 
