@@ -3,6 +3,7 @@
 import random
 import re
 import time
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -177,11 +178,37 @@ def test_per_source_cap_limits_one_sender():
     assert sorted(p.source for p in chosen) == ["flooder", "other"]
 
 
+def test_the_sampler_gives_each_delivering_connection_an_equal_share():
+    """A sybil swarm relayed over one connection holds most of the pool; the batch still gets one
+    group per connection in turn (2 honest lanes + the relay, 4 slots: the relay 1-2, never more)."""
+    pool = ExternalPool(SamplerConfig(pool_size=400))
+    for i in range(60):
+        pool.add(_scored(f"sybil{i}", i), origin=f"sybil{i}", forwarder="relay")
+    for i in range(3):
+        for j, honest in enumerate(("h1", "h2")):
+            assert pool.add(_scored(honest, 100 + 10 * j + i), origin=honest, forwarder=honest)
+    rng = random.Random(0)
+    relay_picks = []
+    for _ in range(200):
+        chosen = select_external("uniform", pool.eligible(), 4, rng, SamplerContext())
+        lanes = Counter(p.lane for p in chosen)
+        assert len(chosen) == 4 and lanes["h1"] >= 1 and lanes["h2"] >= 1 and lanes["relay"] in (1, 2)
+        relay_picks.append(lanes["relay"])
+    assert 0.25 < sum(relay_picks) / (4 * len(relay_picks)) < 0.42  # about a third, not 60/66
+    # what one lane lacks, the others fill
+    only = ExternalPool(SamplerConfig())
+    only.add(_scored("h1", 1), origin="h1")
+    for i in range(5):
+        only.add(_scored(f"s{i}", 10 + i), origin="relay")
+    chosen = select_external("uniform", only.eligible(), 4, random.Random(0), SamplerContext())
+    assert Counter(p.lane for p in chosen) == {"h1": 1, "relay": 3}
+
+
 def test_variance_strategy_prefers_high_variance_groups():
     pool = ExternalPool(SamplerConfig(pool_size=400))
     low = (1.0,) + (0.0,) * 15  # std 0.24
-    for i in range(100):
-        pool.add(_scored(f"s{i % 20}", i, rewards=low if i % 2 else (1.0, 1.0, 0.0, 0.0)))  # std 0.5
+    for i in range(100):  # every sender (its own lane here) holds both kinds
+        pool.add(_scored(f"s{i % 20}", i, rewards=low if (i // 20) % 2 else (1.0, 1.0, 0.0, 0.0)))  # std 0.5
 
     def share_of_high(strategy: str) -> float:
         rng = random.Random(0)

@@ -129,6 +129,40 @@ def test_a_sybil_swarm_behind_one_connection_gets_one_connections_share():
     assert direct.candidate_count == 10 and not direct.skipped
 
 
+def test_leftovers_of_one_lane_do_not_stop_the_other_lanes_being_verified():
+    """The byzantine runs' sybil kept 52 % of the external slots: its groups always verify, its
+    leftovers alone satisfied `wanted`, and the honest lanes' candidates were never verified. Each
+    lane with candidates is now verified up to its share of `wanted` whatever the pool holds."""
+    pool = _pool()
+    for i in range(12):
+        pool.offer(_group(f"sybil{i}", 1000 + i), f"sybil{i}", forwarder="relay")
+    verifier = Verifier()
+    pool.verify_for_use(verifier, wanted=12, rng=random.Random(0))
+    assert len(pool.eligible()) == 12 and {p.lane for p in pool.eligible()} == {"relay"}
+    for i in range(10):
+        for honest in ("h1", "h2"):
+            pool.offer(_group(honest, i), honest, forwarder=honest)
+    for i in range(10):
+        pool.offer(_group(f"sybil{100 + i}", 2000 + i), f"sybil{100 + i}", forwarder="relay")
+    verifier.calls.clear()
+    pool.verify_for_use(verifier, wanted=9, rng=random.Random(0))
+    # share = ceil(9 / 3 lanes) = 3: the relay already holds 12, so only the honest lanes are verified
+    assert Counter(g.source for g in verifier.calls) == {"h1": 3, "h2": 3}
+    assert Counter(p.lane for p in pool.eligible()) == {"relay": 12, "h1": 3, "h2": 3}
+    verifier.calls.clear()
+    assert pool.verify_for_use(verifier, wanted=9, rng=random.Random(0)).attempted == 0
+
+
+def test_a_lane_without_candidates_leaves_its_share_to_the_others():
+    pool = _pool()
+    for i in range(10):
+        pool.offer(_group("h1", i), "h1", forwarder="h1")
+    pool.offer(_group("h2", 100), "h2", forwarder="h2")
+    verifier = Verifier()
+    pool.verify_for_use(verifier, wanted=6, rng=random.Random(0))
+    assert Counter(p.lane for p in pool.eligible()) == {"h1": 5, "h2": 1}
+
+
 def test_candidate_bytes_are_bounded():
     pool = _pool(IntakeLimits(max_candidates=1000, max_candidate_bytes=40_000))
     for i in range(100):

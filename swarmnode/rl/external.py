@@ -192,10 +192,16 @@ class PooledGroup:
     scored: ScoredGroup
     received_at: float
     origin: str = ""  # the peer that delivered it (reports go there)
+    forwarder: str = ""  # the connected peer that delivered it ("" when unknown)
 
     @property
     def source(self) -> str:
         return self.scored.group.source
+
+    @property
+    def lane(self) -> str:
+        """The delivering connection (as `Candidate.lane`); the sender when nothing else is known."""
+        return self.forwarder or self.origin or self.source
 
 
 @dataclass
@@ -214,7 +220,7 @@ class Candidate:
     @property
     def lane(self) -> str:
         """The delivering connection, the unit of fairness identities cannot multiply."""
-        return self.forwarder or self.origin
+        return self.forwarder or self.origin or self.source
 
 
 class _Shares:
@@ -421,17 +427,35 @@ class ExternalPool:
     def verify_for_use(
         self, process: Callable[[RolloutGroup], IntakeResult], wanted: int, rng: random.Random
     ) -> VerifyReport:
-        """Verify candidates until `wanted` verified groups are ready, or this round's attempts or
-        time run out. Verified groups join the pool; every outcome is in the report."""
+        """Verify candidates until `wanted` verified groups are ready and every delivering
+        connection that still has candidates holds its share of them, or this round's attempts or
+        time run out. Verified groups join the pool; every outcome is in the report.
+
+        The share (`wanted` over the connections that have verified groups or candidates, rounded
+        up) keeps the pool lane-fair: without it, leftovers of the lane whose groups always verify
+        (a sybil swarm behind one connection) satisfy `wanted` and the other lanes are never
+        verified, so the sampler can only draw from that lane."""
         report = VerifyReport()
         self.expire()
         self.expire_candidates()
         if wanted <= 0:
             return report
+        ready = Counter(pooled.lane for pooled in self._groups.values())
+        lanes = set(ready) | set(self._by_lane.keys)
+        share = -(-wanted // max(1, len(lanes)))
+        order = self._verification_order(rng)
+        unvisited = Counter(self._candidates[key].lane for key in order)
+        short = {lane for lane in unvisited if ready[lane] < share}  # lanes below their share
         started = self.monotonic()
-        for key in self._verification_order(rng):
-            if len(self._groups) >= wanted:
-                break
+        for key in order:
+            lane = self._candidates[key].lane
+            unvisited[lane] -= 1
+            if not unvisited[lane]:
+                short.discard(lane)  # after this candidate, nothing left to verify on its lane
+            if len(self._groups) >= wanted and ready[lane] >= share:
+                if not short:
+                    break
+                continue
             if report.attempted >= self.limits.max_attempts_per_round:
                 report.stopped_by = "attempts"
                 break
@@ -444,23 +468,29 @@ class ExternalPool:
             result = process(candidate.group)
             if result.reason is IntakeReason.ACCEPTED:
                 assert result.scored is not None
-                if not self._add(result.scored, candidate.received_at, candidate.origin):
+                if self._add(result.scored, candidate.received_at, candidate.origin, candidate.forwarder):
+                    ready[lane] += 1
+                    if ready[lane] >= share:
+                        short.discard(lane)
+                else:
                     result = IntakeResult(IntakeReason.DUPLICATE)
             report.outcomes.append((candidate, result))
         return report
 
     # -- verified groups -------------------------------------------------------------------------------
-    def add(self, scored: ScoredGroup, received_at: float | None = None, origin: str = "") -> bool:
+    def add(
+        self, scored: ScoredGroup, received_at: float | None = None, origin: str = "", forwarder: str = ""
+    ) -> bool:
         """Add a verified group directly; False when it is a duplicate."""
-        return self._add(scored, self.clock() if received_at is None else received_at, origin)
+        return self._add(scored, self.clock() if received_at is None else received_at, origin, forwarder)
 
-    def _add(self, scored: ScoredGroup, received_at: float, origin: str) -> bool:
+    def _add(self, scored: ScoredGroup, received_at: float, origin: str, forwarder: str = "") -> bool:
         key = group_fingerprint(scored.group)
         if key in self._groups:
             return False
         source = scored.group.source
         self._note_round(scored.group)
-        self._groups[key] = PooledGroup(scored, received_at, origin)
+        self._groups[key] = PooledGroup(scored, received_at, origin, forwarder)
         per_source_limit = max(1, self.cfg.pool_size // 4)
         from_source = [k for k, p in self._groups.items() if p.source == source]
         for old in from_source[: max(0, len(from_source) - per_source_limit)]:
