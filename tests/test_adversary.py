@@ -130,6 +130,9 @@ def test_forger_is_banned_for_bad_signatures(attacked):
     _, directory = attacked
     forger = json.loads(next(directory.glob("adversary-forger-*/adversary.json")).read_text())
     assert forger["sent"].get("claims_other_key", 0) > 0
+    # the hosts' own verdicts outlive the run (p2p/p2p-status.json, written when each node stops)
+    summary = json.loads((directory / "adversaries.json").read_text())
+    assert summary["host_rejected_by_reason"].get("bad_signature", 0) > 0, summary["host_rejected_by_reason"]
     for index in range(2):
         bans = json.loads((directory / f"node-{index}" / "p2p" / "p2p-bans.json").read_text())["bans"]
         reasons = {b["peer_id"]: b["reason"] for b in bans}
@@ -382,7 +385,11 @@ def test_summary_counts_forged_and_unknown_sources_rejections_floor_and_bans(tmp
         {"peer_id": forger.identity.peer_id, "reason": "bad_signature", "until": 1e12, "bans": 1},
         {"peer_id": other, "reason": "rate_limited", "until": 1e12, "bans": 1},
     ])  # fmt: skip
+    status = {"verdicts": {"accepted": 9, "duplicate": 5, "replay": 2}, "drops": {}}
+    (run / "node-0" / "p2p" / "p2p-status.json").write_text(json.dumps(status))
+    (run / "node-1" / "p2p" / "p2p-status.json").write_text(json.dumps({"verdicts": {"replay": 1}}))
     summary = adversary_summary(run)
+    assert summary["host_rejected_by_reason"] == {"duplicate": 5, "replay": 3}  # accepted left out
     assert summary["groups_used_from_adversaries"] == {"forger": 1}
     assert summary["groups_used_from_honest_peers"] == 3
     assert summary["groups_used_from_unknown_sources"] == 2

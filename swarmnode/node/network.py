@@ -7,7 +7,10 @@ tagged with their authenticated sender, feeds heartbeats into the network view. 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,7 +21,7 @@ from swarmnode import wire
 from swarmnode.admin.network_view import NetworkView
 from swarmnode.config import NodeConfig
 from swarmnode.identity import Identity
-from swarmnode.p2p.client import P2PClient
+from swarmnode.p2p.client import P2P_STATUS_FILE, P2PClient
 from swarmnode.p2p.ipc import P2PStatus
 from swarmnode.rl.records import RolloutGroup
 
@@ -57,7 +60,23 @@ class SwarmNetwork:
         self.client.start()
 
     def close(self) -> None:
+        self.save_status()
         self.client.stop()
+
+    def save_status(self) -> None:
+        """Write the host's last verdict, drop and work counts (not its peer lists) next to its ban
+        file, so a finished run keeps what the p2p layer rejected (duplicates, replays, rate limits)
+        and not only what reached the round loop."""
+        status = dataclasses.asdict(self.client.status())
+        for bulky in ("peers", "banned_peers", "banned"):
+            status.pop(bulky, None)
+        path = self.client.run_dir / P2P_STATUS_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(status, default=str))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("could not save the p2p status to %s: %s", path, exc)
 
     def publish_rollouts(self, groups: list[RolloutGroup], node_round: int) -> int:
         """Queue this round's groups and publish them as one signed batch when the rate allows;

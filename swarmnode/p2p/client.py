@@ -43,6 +43,7 @@ SOCKET_NAME = "p2p.sock"
 HOST_LOG_NAME = "p2p-host.log"
 HOST_CONFIG_NAME = "p2p-host.json"
 BAN_FILE_NAME = "p2p-bans.json"  # the host's bans, kept across host restarts
+P2P_STATUS_FILE = "p2p-status.json"  # the host's last counts, written by the node when it stops
 # One forwarding connection may hold at most this fraction of the receive queue, so a flood over
 # one connection (e.g. sybil identities) cannot crowd out what honest peers deliver.
 FORWARDER_QUEUE_SHARE = 0.25

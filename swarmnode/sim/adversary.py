@@ -53,6 +53,7 @@ from typing import IO, Any
 
 from swarmnode.config import ConfigError, NodeConfig, P2PConfig, config_from_dict
 from swarmnode.identity import Identity
+from swarmnode.p2p.client import P2P_STATUS_FILE
 from swarmnode.rl.records import RolloutGroup
 from swarmnode.sim.processes import terminate_all
 from swarmnode.tasks.reference import TaskRef
@@ -552,8 +553,10 @@ def adversary_summary(directory: Path) -> dict[str, Any]:
     the key its envelopes claim), groups used from a source that is neither an honest node nor an
     adversary (forged or unknown origins: should be 0), the honest nodes' intake rejections by reason
     (from any source), external rows the likelihood floor zeroed, the bans the honest hosts hold on
-    adversary ids (``p2p/p2p-bans.json``, by reason), and for code injectors whether any injection
-    file exists. Written as ``adversaries.json`` by the launcher.
+    adversary ids (``p2p/p2p-bans.json``, by reason), the honest hosts' own verdicts on every
+    received message other than accepted (``p2p/p2p-status.json``: duplicates, replays, rate limits,
+    bad signatures, from all sources), and for code injectors whether any injection file exists.
+    Written as ``adversaries.json`` by the launcher.
     """
     adversaries = []
     for stats_path in sorted(directory.glob("adversary-*/" + STATS_FILE)):
@@ -596,6 +599,11 @@ def adversary_summary(directory: Path) -> dict[str, Any]:
             for entry in json.loads(ban_file.read_text())["bans"]:
                 if (kind := peer_kind.get(str(entry["peer_id"]))) is not None:
                     bans.setdefault(kind, Counter())[str(entry["reason"])] += 1
+    host_verdicts: Counter[str] = Counter()
+    for status_file in sorted(directory.glob(f"node-*/p2p/{P2P_STATUS_FILE}")):
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            verdicts = json.loads(status_file.read_text())["verdicts"]
+            host_verdicts.update({str(k): int(v) for k, v in verdicts.items() if k != "accepted"})
     injected = [p for a in adversaries for p in a.get("injection_paths", []) if Path(p).exists()]
     return {
         "adversaries": [
@@ -610,6 +618,7 @@ def adversary_summary(directory: Path) -> dict[str, Any]:
         "intake_rejected_by_reason": dict(rejected_by_reason),
         "rows_zeroed_low_likelihood": zeroed_low_likelihood,
         "bans_of_adversaries": {kind: dict(reasons) for kind, reasons in bans.items()},
+        "host_rejected_by_reason": dict(host_verdicts),
         "injection_files_found": injected,
     }
 
@@ -635,6 +644,7 @@ def suite_table(out: Path, experiment: Any, baseline: str = "clean") -> dict[str
         used: Counter[str] = Counter()
         rejected: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
+        host_reasons: Counter[str] = Counter()
         bans: Counter[str] = Counter()
         unknown = injected = 0
         zeroed = 0.0
@@ -649,6 +659,7 @@ def suite_table(out: Path, experiment: Any, baseline: str = "clean") -> dict[str
             used.update(summary["groups_used_from_adversaries"])
             rejected.update(summary["groups_rejected_from_adversaries"])
             reasons.update(summary["intake_rejected_by_reason"])
+            host_reasons.update(summary.get("host_rejected_by_reason", {}))  # absent before it was kept
             for by_reason in summary["bans_of_adversaries"].values():
                 bans.update(by_reason)
             unknown += summary["groups_used_from_unknown_sources"]
@@ -672,6 +683,7 @@ def suite_table(out: Path, experiment: Any, baseline: str = "clean") -> dict[str
             "groups_used_from_unknown_sources": unknown,
             "groups_rejected_from_adversaries": sum(rejected.values()),
             "intake_rejected_by_reason": dict(reasons),
+            "host_rejected_by_reason": dict(host_reasons),
             "bans_of_adversaries": dict(bans),
             "rows_zeroed_low_likelihood": zeroed,
             "injection_files_found": injected,
@@ -706,9 +718,9 @@ def suite_markdown(table: dict[str, Any]) -> str:
     lines = [
         f"| configuration | seeds | held-out accuracy | vs {table['baseline']} | within 1 std | cumulative reward "
         "| ratio | groups trained on from the adversary | from unknown sources | adversary groups rejected "
-        "| intake rejects by reason (all sources) | bans of the adversary (reason: nodes) "
-        "| rows zeroed by the floor | restarts | rounds lost per restart |",
-        "|---" * 15 + "|",
+        "| intake rejects by reason (all sources) | p2p rejects by reason (honest hosts, all sources) "
+        "| bans of the adversary (reason: nodes) | rows zeroed by the floor | restarts | rounds lost per restart |",
+        "|---" * 16 + "|",
     ]
     for r in table["rows"]:
         acc, rew = r["heldout_accuracy"], r["cumulative_reward"]
@@ -721,7 +733,8 @@ def suite_markdown(table: dict[str, Any]) -> str:
             f"| {num(r['heldout_accuracy_delta'])} | {within} | {num(rew[0], 1)} ± {num(rew[1], 1)} "
             f"| {num(r['cumulative_reward_ratio'], 2)} | {r['groups_used_from_adversaries']} "
             f"| {r['groups_used_from_unknown_sources']} | {r['groups_rejected_from_adversaries']} "
-            f"| {counts(r['intake_rejected_by_reason'])} | {counts(r['bans_of_adversaries'])} "
+            f"| {counts(r['intake_rejected_by_reason'])} | {counts(r.get('host_rejected_by_reason', {}))} "
+            f"| {counts(r['bans_of_adversaries'])} "
             f"| {r['rows_zeroed_low_likelihood']:g} | {r['restarts']} | {lost} |"
         )
     if table["unfinished"]:
