@@ -204,6 +204,23 @@ def test_the_sampler_gives_each_delivering_connection_an_equal_share():
     assert Counter(p.lane for p in chosen) == {"h1": 1, "relay": 3}
 
 
+def test_sybil_groups_relayed_by_honest_peers_get_one_turn_in_the_batch():
+    pool = ExternalPool(SamplerConfig(pool_size=400))
+    for i in range(90):
+        relay = ("h1", "h2", "relay")[i % 3]
+        pool.add(_scored(f"sybil{i}", i), origin=f"sybil{i}", forwarder=relay)
+    for i in range(3):
+        for j, honest in enumerate(("h1", "h2")):
+            assert pool.add(_scored(honest, 200 + 10 * j + i), origin=honest, forwarder=honest)
+    rng = random.Random(1)
+    sybil = 0
+    for _ in range(200):
+        chosen = select_external("uniform", pool.eligible(), 3, rng, SamplerContext())
+        assert Counter(p.turn for p in chosen) == {"h1": 1, "h2": 1, "relayed": 1}
+        sybil += sum(p.source.startswith("sybil") for p in chosen)
+    assert sybil == 200  # one of three slots, not 90 of 96
+
+
 def test_variance_strategy_prefers_high_variance_groups():
     pool = ExternalPool(SamplerConfig(pool_size=400))
     low = (1.0,) + (0.0,) * 15  # std 0.24

@@ -153,6 +153,26 @@ def test_leftovers_of_one_lane_do_not_stop_the_other_lanes_being_verified():
     assert pool.verify_for_use(verifier, wanted=9, rng=random.Random(0)).attempted == 0
 
 
+def test_a_sybil_swarm_relayed_by_honest_peers_shares_one_turn():
+    """In a gossip mesh the honest peers relay the sybils' groups too, so connections alone do not
+    contain them (the byzantine sybil took 87 % of the slots with lanes only). Each connected peer's
+    own groups are one turn; everything relayed, over whichever connection, shares one more."""
+    pool = _pool(IntakeLimits(max_candidates=400))
+    for i in range(10):
+        for j, honest in enumerate(("h1", "h2")):
+            pool.offer(_group(honest, 100 * j + i), honest, forwarder=honest)
+    for i in range(90):
+        relay = ("h1", "h2", "relay")[i % 3]
+        pool.offer(_group(f"sybil{i}", 1000 + i), f"sybil{i}", forwarder=relay)
+    verifier = Verifier()
+    pool.verify_for_use(verifier, wanted=9, rng=random.Random(0))
+    turns = Counter(g.source if g.source in ("h1", "h2") else "relayed" for g in verifier.calls)
+    assert turns == {"h1": 3, "h2": 3, "relayed": 3}
+    relayed = [p for p in pool.eligible() if p.turn == "relayed"]
+    assert len({p.lane for p in relayed}) == 3  # within the relayed turn, one per connection in turn
+    assert Counter(p.turn for p in pool.eligible()) == {"h1": 3, "h2": 3, "relayed": 3}
+
+
 def test_a_lane_without_candidates_leaves_its_share_to_the_others():
     pool = _pool()
     for i in range(10):

@@ -203,6 +203,22 @@ class PooledGroup:
         """The delivering connection (as `Candidate.lane`); the sender when nothing else is known."""
         return self.forwarder or self.origin or self.source
 
+    @property
+    def turn(self) -> str:
+        return turn_of(self.origin or self.source, self.forwarder)
+
+
+RELAYED = "relayed"
+
+
+def turn_of(origin: str, forwarder: str) -> str:
+    """Whose turn a group takes in verification and in the sampler: its author's when the author
+    delivered it over its own connection (or the forwarder is unknown), else one turn shared by
+    everything relayed. A connected peer's own groups are what its connection vouches for; relayed
+    groups can come from any number of identities (a sybil swarm relayed by honest peers too), so
+    together they weigh as much as one connected peer."""
+    return origin if not forwarder or forwarder == origin else RELAYED
+
 
 @dataclass
 class Candidate:
@@ -221,6 +237,10 @@ class Candidate:
     def lane(self) -> str:
         """The delivering connection, the unit of fairness identities cannot multiply."""
         return self.forwarder or self.origin or self.source
+
+    @property
+    def turn(self) -> str:
+        return turn_of(self.origin or self.source, self.forwarder)
 
 
 class _Shares:
@@ -408,51 +428,63 @@ class ExternalPool:
                 self._drop_candidate(key, "round_lag")
 
     def _verification_order(self, rng: random.Random) -> list[str]:
-        """Candidates to verify first: one per delivering connection in turn, and within a
-        connection one per sender in turn (both in random order), each sender's newest first, so
-        neither a flooder nor a sybil swarm behind one connection can monopolize the budget."""
+        """Candidates to verify first: one per turn in turn (each connected author's own groups,
+        newest first, and one shared turn for everything relayed), in random order; within the
+        relayed turn one per delivering connection in turn and within a connection one per sender
+        in turn. Neither a flooder, nor a sybil swarm behind one connection, nor one relayed by
+        honest peers can monopolize the budget."""
         lanes = sorted(self._by_lane.keys)
         rng.shuffle(lanes)
-        per_lane: list[list[str]] = []
+        own: dict[str, list[str]] = {}
+        relayed: list[list[str]] = []
         for lane in lanes:
             by_source: dict[str, list[str]] = {}
             for key in reversed(self._by_lane.keys[lane]):  # newest first
-                by_source.setdefault(self._candidates[key].source, []).append(key)
-            sources = sorted(by_source)
-            rng.shuffle(sources)
-            per_lane.append(round_robin([by_source[source] for source in sources]))
-        return round_robin(per_lane)
+                candidate = self._candidates[key]
+                if (turn := candidate.turn) == RELAYED:
+                    by_source.setdefault(candidate.source, []).append(key)
+                else:
+                    own.setdefault(turn, []).append(key)
+            if by_source:
+                sources = sorted(by_source)
+                rng.shuffle(sources)
+                relayed.append(round_robin([by_source[source] for source in sources]))
+        turns = sorted(own)
+        rng.shuffle(turns)
+        queues = [own[turn] for turn in turns]
+        if relayed:
+            queues.insert(rng.randrange(len(queues) + 1), round_robin(relayed))
+        return round_robin(queues)
 
     # -- stage 2: verify what will be used ---------------------------------------------------------
     def verify_for_use(
         self, process: Callable[[RolloutGroup], IntakeResult], wanted: int, rng: random.Random
     ) -> VerifyReport:
-        """Verify candidates until `wanted` verified groups are ready and every delivering
-        connection that still has candidates holds its share of them, or this round's attempts or
+        """Verify candidates until `wanted` verified groups are ready and every turn (see
+        `turn_of`) that still has candidates holds its share of them, or this round's attempts or
         time run out. Verified groups join the pool; every outcome is in the report.
 
-        The share (`wanted` over the connections that have verified groups or candidates, rounded
-        up) keeps the pool lane-fair: without it, leftovers of the lane whose groups always verify
-        (a sybil swarm behind one connection) satisfy `wanted` and the other lanes are never
-        verified, so the sampler can only draw from that lane."""
+        The share (`wanted` over the turns that have verified groups or candidates, rounded up)
+        keeps the pool fair: without it, leftovers of the turn whose groups always verify (a sybil
+        swarm's) satisfy `wanted` and the other turns are never verified, so the sampler can only
+        draw from that one."""
         report = VerifyReport()
         self.expire()
         self.expire_candidates()
         if wanted <= 0:
             return report
-        ready = Counter(pooled.lane for pooled in self._groups.values())
-        lanes = set(ready) | set(self._by_lane.keys)
-        share = -(-wanted // max(1, len(lanes)))
         order = self._verification_order(rng)
-        unvisited = Counter(self._candidates[key].lane for key in order)
-        short = {lane for lane in unvisited if ready[lane] < share}  # lanes below their share
+        ready = Counter(pooled.turn for pooled in self._groups.values())
+        unvisited = Counter(self._candidates[key].turn for key in order)
+        share = -(-wanted // max(1, len(set(ready) | set(unvisited))))
+        short = {turn for turn in unvisited if ready[turn] < share}  # turns below their share
         started = self.monotonic()
         for key in order:
-            lane = self._candidates[key].lane
-            unvisited[lane] -= 1
-            if not unvisited[lane]:
-                short.discard(lane)  # after this candidate, nothing left to verify on its lane
-            if len(self._groups) >= wanted and ready[lane] >= share:
+            turn = self._candidates[key].turn
+            unvisited[turn] -= 1
+            if not unvisited[turn]:
+                short.discard(turn)  # after this candidate, nothing left to verify in its turn
+            if len(self._groups) >= wanted and ready[turn] >= share:
                 if not short:
                     break
                 continue
@@ -469,9 +501,9 @@ class ExternalPool:
             if result.reason is IntakeReason.ACCEPTED:
                 assert result.scored is not None
                 if self._add(result.scored, candidate.received_at, candidate.origin, candidate.forwarder):
-                    ready[lane] += 1
-                    if ready[lane] >= share:
-                        short.discard(lane)
+                    ready[turn] += 1
+                    if ready[turn] >= share:
+                        short.discard(turn)
                 else:
                     result = IntakeResult(IntakeReason.DUPLICATE)
             report.outcomes.append((candidate, result))

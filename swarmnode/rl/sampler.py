@@ -7,9 +7,10 @@ Selection is a purely local decision. Strategies are small functions registered 
   plus a little floor so no eligible group is starved.
 - ``difficulty``: prefer groups whose pass rate under the local verifier is close to the node's
   own recent pass rate (groups "at the frontier" of what this node can do).
-Every strategy honours ``per_source_cap`` so a single sender cannot fill the batch, and picks lane
-by lane (`PooledGroup.lane`, the connection that delivered a group) so that a sybil swarm relayed
-over one connection gets one connection's share of the batch, not one share per identity.
+Every strategy honours ``per_source_cap`` so a single sender cannot fill the batch, and picks turn
+by turn (`PooledGroup.turn`: each connected peer's own groups, and one turn for all relayed ones)
+so that a sybil swarm, relayed over its own connection or by honest peers, gets one connected
+peer's share of the batch, not one share per identity.
 """
 
 from __future__ import annotations
@@ -38,35 +39,40 @@ def _weighted_pick(
     weight: Callable[[PooledGroup], float],
     per_source_cap: int,
 ) -> list[PooledGroup]:
-    """Sample without replacement, lane by lane: each pass visits the delivering connections that
-    still have groups in random order and takes one group from each, chosen within the lane
-    proportionally to weight, honouring the per-source cap. A lane's share is thus 1/lanes while
-    it has groups (identities are free, connections are not), and what one lane lacks the others
-    fill."""
-    lanes: dict[str, tuple[list[PooledGroup], list[float]]] = {}
+    """Sample without replacement, turn by turn (`swarmnode.rl.external.turn_of`): each pass
+    visits the turns that still have groups in random order (each connected author's own groups,
+    and one turn for everything relayed) and takes one group from each, within a turn from a
+    delivering connection chosen uniformly and there proportionally to weight, honouring the
+    per-source cap. A turn's share is thus 1/turns while it has groups (identities are free,
+    connections are not), and what one turn lacks the others fill."""
+    turns: dict[str, dict[str, tuple[list[PooledGroup], list[float]]]] = {}
     for pooled in candidates:
-        groups, weights = lanes.setdefault(pooled.lane, ([], []))
+        groups, weights = turns.setdefault(pooled.turn, {}).setdefault(pooled.lane, ([], []))
         groups.append(pooled)
         weights.append(max(weight(pooled), 1e-6))
     chosen: list[PooledGroup] = []
     per_source: Counter[str] = Counter()
-    while lanes and len(chosen) < k:
-        order = sorted(lanes)
+    while turns and len(chosen) < k:
+        order = sorted(turns)
         rng.shuffle(order)
-        for lane in order:
+        for turn in order:
             if len(chosen) >= k:
                 break
-            groups, weights = lanes[lane]
-            while groups:
+            lanes = turns[turn]
+            while lanes:
+                lane = rng.choice(sorted(lanes))
+                groups, weights = lanes[lane]
                 (i,) = rng.choices(range(len(groups)), weights=weights)
                 pick = groups.pop(i)
                 weights.pop(i)
+                if not groups:
+                    del lanes[lane]
                 if not (per_source_cap and per_source[pick.source] >= per_source_cap):
                     per_source[pick.source] += 1
                     chosen.append(pick)
                     break
-            if not groups:
-                del lanes[lane]
+            if not lanes:
+                del turns[turn]
     return chosen
 
 
