@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from swarmnode.config import ConfigError
-from swarmnode.sim.experiment import load_experiment, parse_experiment
+from swarmnode.sim.experiment import builtin_experiments, load_experiment, parse_experiment
 
 pytestmark = pytest.mark.integration
 
@@ -121,6 +121,22 @@ def test_experiment_errors_name_the_configuration_and_key(tmp_path: Path):
     with pytest.raises(ConfigError, match="no built-in experiment"):
         load_experiment("builtin:nope")
     assert load_experiment("builtin:paper-cpu").nodes == 8
+
+
+@pytest.mark.parametrize("name", builtin_experiments())
+def test_every_builtin_experiment_builds_a_valid_config_for_every_node(name: str, tmp_path: Path):
+    experiment = load_experiment(f"builtin:{name}")
+    for configuration in experiment.configurations:
+        for index in range(experiment.nodes):
+            cfg = experiment.node_config(configuration, experiment.seeds[0], index, tmp_path / str(index))
+            assert cfg.rounds == experiment.rounds
+
+
+def test_a_node_setting_overrides_the_base_for_that_node_only(tmp_path: Path):
+    experiment = load_experiment("builtin:mixed-strength-fastweak")
+    four = next(c for c in experiment.configurations if c.name == "4/4")
+    rates = [experiment.node_config(four, 0, i, tmp_path / str(i)).grpo.learning_rate for i in range(4)]
+    assert rates == [1e-4, 1e-3, 1e-3, 1e-3]
 
 
 def test_inline_task_mix_and_verify_extra_reach_the_node_registry(tmp_path: Path):
