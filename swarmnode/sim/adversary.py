@@ -848,6 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("experiment", help="experiment TOML or builtin:NAME")
     table.add_argument("--out", type=Path, required=True, help="the grid's output directory (runs/ under it)")
     table.add_argument("--baseline", default="clean")
+    table.add_argument("--seeds", type=int, nargs="+", help="the seeds that ran (default: the experiment's)")
     return parser
 
 
@@ -877,9 +878,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run", *argv]
     args = build_parser().parse_args(argv)
     if args.command == "table":
-        from swarmnode.sim.experiment import load_experiment
+        from swarmnode.sim.experiment import load_experiment, with_overrides
 
-        result = suite_table(args.out, load_experiment(args.experiment), args.baseline)
+        experiment = with_overrides(load_experiment(args.experiment), seeds=args.seeds)
+        result = suite_table(args.out, experiment, args.baseline)
         (args.out / "byzantine.json").write_text(json.dumps(result, indent=1))
         (args.out / "byzantine.md").write_text(suite_markdown(result))
         print(suite_markdown(result))
