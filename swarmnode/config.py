@@ -16,7 +16,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "SWARMNODE__"
 
@@ -110,13 +118,24 @@ class GRPOConfig(_Section):
         1.0, gt=0.0, le=100.0, description="truncation of the importance weight pi_local / pi_sender"
     )
     external_logprob_floor: float | None = Field(
-        None,
+        -5.0,
         lt=0.0,
         allow_inf_nan=False,
-        description="poisoning defence (None = off): an external completion whose log-prob under this "
-        "node's policy, summed over its tokens and divided by max_completion_length, is below this many "
-        "nats per token gets zero weight (metric rows_zeroed_low_likelihood); see docs/DESIGN.md",
+        description="poisoning defence ('off' disables it): an external completion whose log-prob under "
+        "this node's policy, summed over its tokens and divided by max_completion_length, is below this "
+        "many nats per token gets zero weight (metric rows_zeroed_low_likelihood); the default -5 lies "
+        "below every peer sample of the embedded models measured and above every planted completion "
+        "(docs/results/byzantine/README.md); see docs/DESIGN.md",
     )
+
+    @field_validator("external_logprob_floor", mode="before")
+    @classmethod
+    def _floor_off(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() == "off" else value
+
+    @field_serializer("external_logprob_floor", when_used="json")
+    def _floor_written(self, value: float | None) -> float | str:
+        return "off" if value is None else value  # reloads as off, not as the default
 
 
 class SamplerConfig(_Section):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import tomllib
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -89,9 +90,16 @@ def params(policy: Policy) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------- config
 
 
-def test_floor_is_off_by_default_and_validated():
-    assert GRPOConfig().external_logprob_floor is None
-    assert config_from_dict({"grpo": {"external_logprob_floor": -5}}).grpo.external_logprob_floor == -5.0
+def test_floor_is_on_by_default_can_be_turned_off_and_is_validated():
+    assert GRPOConfig().external_logprob_floor == -5.0
+    assert config_from_dict({"grpo": {"external_logprob_floor": -3}}).grpo.external_logprob_floor == -3.0
+    for off in ("off", " OFF "):
+        assert config_from_dict({"grpo": {"external_logprob_floor": off}}).grpo.external_logprob_floor is None
+    # the resolved config a run writes reloads to the same setting, off included
+    for floor in ("off", -2.5):
+        cfg = config_from_dict({"grpo": {"external_logprob_floor": floor}})
+        again = config_from_dict(tomllib.loads(cfg.to_toml()))
+        assert again.grpo.external_logprob_floor == cfg.grpo.external_logprob_floor
     for bad in (0.0, 1.5, math.nan, -math.inf, "low"):
         with pytest.raises(ConfigError, match=r"grpo\.external_logprob_floor"):
             config_from_dict({"grpo": {"external_logprob_floor": bad}})

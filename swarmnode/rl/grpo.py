@@ -45,7 +45,7 @@ It is truncated, and the cap is applied in log space, so a sender that lies abou
 reach the cap; a group whose claim is missing or malformed gets c_i = min(1, cap) under
 ``importance`` and its negatives 0 under ``topr``.
 
-Likelihood floor (the poisoning defence, off unless ``grpo.external_logprob_floor`` is set): an
+Likelihood floor (the poisoning defence, ``grpo.external_logprob_floor``, -5 by default, "off" disables): an
 external completion gets c_i = 0 when
 
     sum_t old_logp_t / L  <  external_logprob_floor            L = grpo.max_completion_length
