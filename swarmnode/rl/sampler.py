@@ -1,7 +1,7 @@
 """The SAPO sampler: which external groups join this round's I local groups.
 
 Selection is a purely local decision. Strategies are small functions registered by name:
-- ``uniform`` (the paper's rule): uniformly among eligible external groups.
+- ``uniform`` (the paper's rule, inside the turns below): uniformly among eligible external groups.
 - ``variance``: prefer groups whose rewards under the LOCAL verifier vary most (most learning
   signal for a group-relative update), sampling without replacement with weight = reward std,
   plus a little floor so no eligible group is starved.
