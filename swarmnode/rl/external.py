@@ -187,27 +187,6 @@ def group_bytes(group: RolloutGroup) -> int:
     return len(group.question) + sum(len(text) for text in group.completions) + 64 * len(group.completions)
 
 
-@dataclass
-class PooledGroup:
-    scored: ScoredGroup
-    received_at: float
-    origin: str = ""  # the peer that delivered it (reports go there)
-    forwarder: str = ""  # the connected peer that delivered it ("" when unknown)
-
-    @property
-    def source(self) -> str:
-        return self.scored.group.source
-
-    @property
-    def lane(self) -> str:
-        """The delivering connection (as `Candidate.lane`); the sender when nothing else is known."""
-        return self.forwarder or self.origin or self.source
-
-    @property
-    def turn(self) -> str:
-        return turn_of(self.origin or self.source, self.forwarder)
-
-
 RELAYED = "relayed"
 
 
@@ -220,8 +199,42 @@ def turn_of(origin: str, forwarder: str) -> str:
     return origin if not forwarder or forwarder == origin else RELAYED
 
 
+class _Delivered:
+    """How a received group arrived: its sender, the envelope's author (`origin`) and the connected
+    peer that delivered it (`forwarder`), and the fairness units derived from them."""
+
+    origin: str
+    forwarder: str
+
+    @property
+    def source(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def lane(self) -> str:
+        """The delivering connection, the unit of fairness identities cannot multiply; the sender
+        when nothing else is known."""
+        return self.forwarder or self.origin or self.source
+
+    @property
+    def turn(self) -> str:
+        return turn_of(self.origin or self.source, self.forwarder)
+
+
 @dataclass
-class Candidate:
+class PooledGroup(_Delivered):
+    scored: ScoredGroup
+    received_at: float
+    origin: str = ""  # the peer that delivered it (reports go there)
+    forwarder: str = ""  # the connected peer that delivered it ("" when unknown)
+
+    @property
+    def source(self) -> str:
+        return self.scored.group.source
+
+
+@dataclass
+class Candidate(_Delivered):
     group: RolloutGroup
     origin: str
     received_at: float
@@ -232,15 +245,6 @@ class Candidate:
     @property
     def source(self) -> str:
         return self.group.source
-
-    @property
-    def lane(self) -> str:
-        """The delivering connection, the unit of fairness identities cannot multiply."""
-        return self.forwarder or self.origin or self.source
-
-    @property
-    def turn(self) -> str:
-        return turn_of(self.origin or self.source, self.forwarder)
 
 
 class _Shares:
