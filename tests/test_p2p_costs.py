@@ -4,22 +4,34 @@
 - the peer-record cache: the library's own check still decides every record it has not seen
   verify, a tampered record is still refused, and a verified one is not re-verified;
 - Kademlia random walks run only while the host needs peers;
-- the status snapshot carries the rollout mesh size per kind (benches wait on it).
+- the status snapshot carries the rollout mesh size per kind (benches wait on it);
+- yamux credits a receive window once half of it is consumed (real Noise/Yamux hosts on loopback),
+  and a pubsub stream is read once per RPC, with the library's size limit unchanged.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import multiaddr
 import pytest
 import trio
 from libp2p import new_host
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.io.exceptions import MessageTooLarge
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.utils import maybe_consume_signed_record
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import YamuxStream
+from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
 from swarmnode.config import P2PConfig
 from swarmnode.identity import Identity
@@ -235,3 +247,125 @@ def test_address_cache_pruning_keeps_connected_peers_and_stays_under_its_bound()
     pruned = pruned_addr_cache(cache, connected, 256)
     assert list(pruned) == [f"p{i}" for i in range(488, 1000, 2)]  # the newest 256 connected ones
     assert pruned_addr_cache(cache, {"p1", "p3"}, 256) == {"p1": cache["p1"], "p3": cache["p3"]}
+
+
+# ----------------------------------------------------------------------------- yamux and stream reads
+BULK = TProtocol("/swarmnode/test-bulk/1.0.0")
+RPC_LIMIT = 1 << 21
+
+
+def noise_yamux_host() -> Any:
+    """A libp2p host built as SwarmHost builds its own (Noise, Yamux), without the pubsub layers."""
+    identity = Identity.generate()
+    noise = NoiseTransport(identity.key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    return new_host(key_pair=identity.key_pair, sec_opt={NOISE_PROTOCOL_ID: noise}, muxer_preference="YAMUX")
+
+
+async def send_and_receive(sizes: list[int], wrap: Callable[[Any], Any] = lambda stream: stream) -> list[int]:
+    """Write one varint-prefixed RPC per size over a real Noise/Yamux stream on loopback; the
+    receiver reads them as pubsub does (through ``wrap``); returns the sizes it read."""
+    a, b = noise_yamux_host(), noise_yamux_host()
+    got: list[int] = []
+    done = trio.Event()
+
+    async def handler(stream: Any) -> None:
+        reader = wrap(stream)
+        for _ in sizes:
+            got.append(len(await read_varint_prefixed_bytes_limited(reader, RPC_LIMIT)))
+        done.set()
+
+    a.set_stream_handler(BULK, handler)
+    loopback = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    with trio.fail_after(60):  # a receive window that is never credited again stalls the writer here
+        async with a.run(listen_addrs=loopback), b.run(listen_addrs=loopback):
+            await b.connect(PeerInfo(a.get_id(), a.get_addrs()))
+            stream = await b.new_stream(a.get_id(), [BULK])
+            for size in sizes:
+                await stream.write(encode_varint_prefixed(bytes(size)))
+            await done.wait()
+    return got
+
+
+def test_yamux_credits_the_window_once_half_of_it_is_consumed_not_after_every_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    updates: list[int] = []
+    library_send = YamuxStream.send_window_update
+
+    async def counted(self: YamuxStream, increment: int, skip_lock: bool = False) -> None:
+        updates.append(increment)
+        await library_send(self, increment, skip_lock)
+
+    monkeypatch.setattr(YamuxStream, "send_window_update", counted)
+    # 60 RPCs of 8 KB, then one of 700 KB: larger than the 256 KB window, so it arrives only if
+    # the receiver credits the window again while it reads it.
+    sizes = [8192] * 60 + [700_000]
+    monkeypatch.setattr(YamuxStream, "_auto_tune_and_send_window_update", host_module.LIBRARY_WINDOW_UPDATE)
+    assert trio.run(send_and_receive, sizes) == sizes
+    library_updates = len(updates)
+    assert library_updates >= 60  # py-libp2p 0.8.1: about one update per RPC read
+
+    updates.clear()
+    host_module.batch_yamux_window_updates()
+    assert YamuxStream._auto_tune_and_send_window_update is host_module.window_update_at_half
+    assert trio.run(send_and_receive, sizes) == sizes
+    half_window = 256 * 1024 // 2
+    assert 1 <= len(updates) <= sum(sizes) // half_window + 2, updates
+    assert min(updates) >= half_window  # each update credits at least half a window
+
+
+class ChunkedStream:
+    """A stream stand-in that returns at most ``chunk`` bytes of ``data`` per read and counts reads."""
+
+    def __init__(self, data: bytes, chunk: int) -> None:
+        self.data, self.chunk, self.reads = data, chunk, 0
+        self.muxed_conn = "the stream's own attribute"
+
+    async def read(self, n: int | None = None) -> bytes:
+        self.reads += 1
+        take = self.chunk if n is None or n < 0 else min(n, self.chunk)
+        out, self.data = self.data[:take], self.data[take:]
+        return out
+
+
+def test_buffered_reads_take_one_stream_read_per_rpc_and_keep_the_size_limit() -> None:
+    rpcs = [bytes([i]) * size for i, size in enumerate([10, 300, 8192, 70_000, 5, 200_000])]
+    wire = b"".join(encode_varint_prefixed(rpc) for rpc in rpcs)
+
+    async def read_all(stream: Any) -> list[bytes]:
+        return [await read_varint_prefixed_bytes_limited(stream, RPC_LIMIT) for _ in rpcs]
+
+    unbuffered = ChunkedStream(wire, chunk=1 << 20)
+    assert trio.run(read_all, unbuffered) == rpcs
+    stream = ChunkedStream(wire, chunk=1 << 20)
+    reader = host_module.BufferedStreamReader(stream)
+    assert trio.run(read_all, reader) == rpcs
+    assert reader.muxed_conn == "the stream's own attribute"  # everything else is the stream's
+    assert unbuffered.reads >= 3 * len(rpcs) and stream.reads < unbuffered.reads / 2
+
+    # A prefix over the limit is refused before its body is read; at most CHUNK bytes were taken.
+    oversize = ChunkedStream(encode_varint_prefixed(bytes(RPC_LIMIT + 1)), chunk=1 << 22)
+    before = len(oversize.data)
+    with pytest.raises(MessageTooLarge):
+        trio.run(read_varint_prefixed_bytes_limited, host_module.BufferedStreamReader(oversize), RPC_LIMIT)
+    assert before - len(oversize.data) <= host_module.BufferedStreamReader.CHUNK
+
+
+def test_pubsub_streams_are_read_through_the_buffer_unless_measuring_the_baseline(tmp_path: Path) -> None:
+    pubsub = make_host(tmp_path).pubsub
+    seen: list[Any] = []
+
+    async def library_loop(self: Any, stream: Any) -> None:
+        seen.append(stream)
+
+    stream = ChunkedStream(b"", chunk=1)
+    original = host_module.Pubsub.continuously_read_stream
+    host_module.Pubsub.continuously_read_stream = library_loop  # type: ignore[method-assign]
+    try:
+        trio.run(pubsub.continuously_read_stream, stream)
+        pubsub.buffered_reads = True
+        trio.run(pubsub.continuously_read_stream, stream)
+    finally:
+        host_module.Pubsub.continuously_read_stream = original  # type: ignore[method-assign]
+    assert seen[0] is stream
+    assert isinstance(seen[1], host_module.BufferedStreamReader) and seen[1]._stream is stream

@@ -23,7 +23,8 @@ socket closes. Everything here runs in one trio event loop:
 - with ``p2p.rollout_shards`` = K > 1 rollout batches use the host's shard topic only
   (``shard_of``, ``topics_for``; docs/DESIGN.md "Cost per node against swarm size"), and the host
   dials peers of its own shard first;
-- per-RPC costs of py-libp2p 0.8.1 cut without dropping a check: yamux window updates batched,
+- per-RPC costs of py-libp2p 0.8.1 cut without dropping a check: yamux window updates at half the
+  window (``window_update_at_half``), one stream read per RPC (``BufferedStreamReader``),
   verified peer records remembered (``SignedRecordCache``), no task spawned for a copy ``push_msg``
   would drop at once (``GuardedPubsub.skip_seen_copies``); ``SWARMNODE_P2P_BASELINE=1`` turns the
   cuts off for before/after measurements;
@@ -68,6 +69,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.validators import signature_validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
 
 from swarmnode.config import P2PConfig
@@ -97,7 +99,7 @@ PEER_QUEUE_HIGH_WATER = 4
 PUBLISH_MAX_WAIT_S = 2.0
 # libp2p drops payloads above 1,048,176 bytes silently; leave room for the RPC framing.
 LIBP2P_MAX_DATA = 1_040_000
-SNAPSHOT_INTERVAL_S = 0.5
+SNAPSHOT_INTERVAL_S = 1.0  # status for the node (and its admin API and metrics): once a second
 MAINTAIN_INTERVAL_S = 1.0
 DIAL_TIMEOUT_S = 5.0
 DIAL_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
@@ -219,6 +221,35 @@ def count_wire_bytes() -> None:
     RawConnection._swarmnode_counted = True  # type: ignore[attr-defined]
 
 
+async def window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> None:
+    """go-yamux's receive-window rule: credit the peer only once half the window is consumed.
+
+    py-libp2p 0.8.1 also sends a WINDOW_UPDATE whenever any consumed bytes are outstanding (its
+    "partial slack" branch, which ``PY_YAMUX_RELEASE_ON_READ=0`` does not turn off): about one
+    12-byte frame per RPC read, each encrypted, written, and read and handled by the peer. Here the
+    peer's credit falls to at most half the target window before it is restored in one frame; the
+    library's window auto-tuning (doubling the target within 4 RTTs) is kept.
+    """
+    del bytes_read  # what was consumed shows in recv_window and the buffer, as in go-yamux
+    async with self.window_lock:
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        delta = self.target_recv_window - (self.recv_window + buffered)
+        if delta < self.target_recv_window // 2:
+            return
+        self.recv_window += delta
+        delta += self._apply_autotune_epoch(buffered)
+    await self.send_window_update(delta, skip_lock=True)
+
+
+LIBRARY_WINDOW_UPDATE = YamuxStream._auto_tune_and_send_window_update  # kept for the baseline test
+
+
+def batch_yamux_window_updates() -> None:
+    """Install :func:`window_update_at_half` on py-libp2p's yamux streams, once per process."""
+    if YamuxStream._auto_tune_and_send_window_update is not window_update_at_half:
+        YamuxStream._auto_tune_and_send_window_update = window_update_at_half  # type: ignore[method-assign]
+
+
 _record_cache: SignedRecordCache | None = None
 
 
@@ -264,6 +295,39 @@ class DialState:
         self.attempts, self.next_try = 0, 0.0
 
 
+class BufferedStreamReader:
+    """A pubsub stream read in chunks, so that one RPC costs one read of the stream, not three.
+
+    py-libp2p's RPC reader reads the varint length prefix one byte at a time and then the body:
+    three reads per RPC, each through the stream's state lock, yamux's stream table lock and its
+    window lock (each a trio checkpoint). Here a read of fewer than ``CHUNK`` bytes takes what the
+    stream has buffered (at most ``CHUNK``) and serves the next reads from it; larger reads pass
+    through once it is drained. Every other attribute is the stream's. The library's checks are
+    unchanged: the prefix is still decoded and checked against its RPC size limit before the body
+    is read, and at most ``CHUNK`` bytes are held ahead of it.
+    """
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, stream: INetStream) -> None:
+        self._stream = stream
+        self._ahead = b""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    async def read(self, n: int | None = None) -> bytes:
+        if not self._ahead:
+            if n is None or n < 0 or n >= self.CHUNK:
+                return await self._stream.read(n)
+            self._ahead = await self._stream.read(self.CHUNK)
+        if n is None or n < 0:
+            data, self._ahead = self._ahead, b""
+        else:
+            data, self._ahead = self._ahead[:n], self._ahead[n:]
+        return data
+
+
 class GuardedPubsub(Pubsub):
     """Pubsub that survives two py-libp2p 0.8.1 failure modes, each of which took the host down,
     and that keeps message validity a function of the message id.
@@ -285,6 +349,7 @@ class GuardedPubsub(Pubsub):
 
     on_bad_signature: Callable[[ID], None] = staticmethod(lambda _forwarder: None)
     seen_copies_skipped = 0
+    buffered_reads = False  # BufferedStreamReader on every pubsub stream (off: the library's reads)
 
     def skip_seen_copies(self) -> None:
         """Do not spawn a task for a copy that ``push_msg`` would drop at once (seen, blacklisted).
@@ -345,7 +410,9 @@ class GuardedPubsub(Pubsub):
 
     async def continuously_read_stream(self, stream: INetStream) -> None:
         try:
-            await super().continuously_read_stream(stream)
+            await super().continuously_read_stream(
+                BufferedStreamReader(stream) if self.buffered_reads else stream  # type: ignore[arg-type]
+            )
         except DecodeError as exc:
             log.warning("unparseable pubsub RPC from %s; resetting its stream", stream.muxed_conn.peer_id)
             raise ParseError(f"unparseable pubsub RPC: {exc}") from exc
@@ -431,6 +498,7 @@ class SwarmHost:
         if not self.baseline:
             self._gate_random_walks()
             self.record_cache = install_record_cache()
+            batch_yamux_window_updates()
         self.peer_exchange = PeerListExchange(self.host, accept_peer=lambda peer: not self._is_banned(peer))
         self.next_peer_exchange = 0.0
         self.bootstraps = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in cfg.bootstrap]
@@ -626,6 +694,7 @@ class SwarmHost:
             await self.pubsub.wait_until_ready()
             if not self.baseline:
                 self.pubsub.skip_seen_copies()
+                self.pubsub.buffered_reads = True
             for kind, topic in self.topics.items():
                 self.pubsub.set_topic_validator(topic, self._validator(kind), is_async_validator=False)
                 subscription = await self.pubsub.subscribe(topic)
@@ -988,11 +1057,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default=os.environ.get("SWARMNODE_P2P_LOG", "INFO"))
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    if os.environ.get(BASELINE_ENV) != "1":
-        # py-libp2p's yamux sends a WINDOW_UPDATE frame after every read by default (each one
-        # encrypted, written and handled by the peer): 70 % of the frames a host wrote in the gossip
-        # bench. "0" keeps go-yamux's rule: an update once half the receive window is consumed.
-        os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
     cfg = P2PConfig.model_validate_json(args.config.read_text())
     identity = Identity.load_or_create(args.key)
     host = SwarmHost(cfg, identity, args.ipc, ban_file=args.ban_file)
