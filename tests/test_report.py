@@ -399,7 +399,7 @@ def test_markdown_without_unfinished_runs_or_curves_has_no_such_sections(tmp_pat
     assert "| 8/0 | 0 | m | h cpu | 0.5 ± 0.0 | 0 | 0 | 0.25 | - |" in text
     assert "| 8/0 | 0.25 | 0.0 | 0.0 | 0 |" in text
     assert "**Partial:** unfinished runs left out: a seed 1, b seed 2." in text
-    assert "| 4/4 | 0 | - | -x | - | --- | - | -x | - | - | 1.95x |" in text  # no finished run: dashes
+    assert "| 4/4 | 0 | - | - | - | --- | - | - | - | - | 1.95x |" in text  # no finished run: dashes
 
 
 def test_collect_reads_the_resolved_config_and_placement(tmp_path: Path):
@@ -454,7 +454,7 @@ def test_node_record_flags_spikes_and_counts_compute():
     )
 
 
-def test_summarize_per_node_figures_and_paper_ratios():
+def test_summarize_per_node_figures_and_paper_ratios(tmp_path: Path):
     def rec(seed: int, node: int, **figures: float) -> dict:
         base = {"configuration": "4/4", "seed": seed, "node": node, "eval_curve": []}
         rows = [{"round": 0, "reward_mean": 1.0, "used_local": 1, "generated_tokens": figures.pop("tokens")}]
@@ -482,6 +482,16 @@ def test_summarize_per_node_figures_and_paper_ratios():
     (mine,) = summarize([{**records[0], "configuration": "mine"}], other)
     assert (mine["paper_cumulative_reward"], mine["paper_vs_8_0"]) == (None, None)
     assert mine["vs_first"] == mine["vs_baseline"] == 1.0
+    write_markdown(
+        tmp_path / "report.md",
+        other,
+        [mine],
+        [{**records[0], "configuration": "mine", "model": "m", "ran_on": "h cpu"}],
+    )
+    mine_row = next(
+        line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| mine | 1 |")
+    )
+    assert mine_row.endswith("| - |") and "-x" not in mine_row  # no paper figure: a dash, not "-x"
 
 
 def test_eval_curve_skips_a_partial_round_and_keeps_later_ones():

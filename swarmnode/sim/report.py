@@ -268,6 +268,11 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None or value != value else f"{value:.{digits}f}"
 
 
+def _times(value: float | None) -> str:
+    """A ratio as "1.23x", or "-" where there is none (not "-x")."""
+    return "-" if value is None or value != value else f"{value:.2f}x"
+
+
 def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
     return f"{_fmt(mean, digits)} ± {_fmt(std, digits)}" if mean is not None else "-"
 
@@ -306,12 +311,12 @@ def write_markdown(
     for row in summary:
         lines.append(
             f"| {row['configuration']} | {row['seeds']} | "
-            f"{_pm(row['cumulative_reward_mean'], row['cumulative_reward_std'], 1)} | {_fmt(row['vs_baseline'])}x | "
+            f"{_pm(row['cumulative_reward_mean'], row['cumulative_reward_std'], 1)} | {_times(row['vs_baseline'])} | "
             f"{_pm(row['final_eval_accuracy_mean'], row['final_eval_accuracy_std'], 3)} | "
             f"{_fmt(row['final_eval_accuracy_node_min'], 3)}-{_fmt(row['final_eval_accuracy_node_max'], 3)} | "
             f"{_pm(row['paper_like_batch_reward_mean'], row['paper_like_batch_reward_std'], 1)} | "
-            f"{_fmt(row['paper_like_vs_baseline'])}x | {_fmt(row['cumulative_reward_per_1k_rollouts'], 3)} | "
-            f"{_fmt(row['external_token_share'])} | {_fmt(row['paper_vs_8_0'])}x |"
+            f"{_times(row['paper_like_vs_baseline'])} | {_fmt(row['cumulative_reward_per_1k_rollouts'], 3)} | "
+            f"{_fmt(row['external_token_share'])} | {_times(row['paper_vs_8_0'])} |"
         )
     lines += [
         "",
