@@ -771,16 +771,11 @@ def measure_adoption(
     import torch
 
     from swarmnode.policy.backend import SamplingParams
-    from swarmnode.policy.loading import load_policy
     from swarmnode.policy.transformers_backend import TransformersBackend
-    from swarmnode.rl.checkpoint import load_latest_checkpoint
+    from swarmnode.sim.checkpoint_eval import load_node_policy
     from swarmnode.tasks.registry import TaskRegistry
 
-    cfg = load_node_config(node_dir / "node.toml")
-    policy = load_policy(cfg.model.model_copy(update={"dtype": "float32"}), torch.device("cpu"))
-    ckpt = load_latest_checkpoint(node_dir / "checkpoints")
-    if ckpt is not None:
-        ckpt.restore(policy.model, restore_rng=False)
+    cfg, policy, checkpoint_round = load_node_policy(node_dir)
     registry = TaskRegistry.from_config(cfg.tasks)
     tasks = registry.eval_tasks(prompts)
     backend = TransformersBackend(policy)
@@ -811,7 +806,7 @@ def measure_adoption(
     head = marker.split("-")[0]
     return {
         "node_dir": str(node_dir),
-        "checkpoint_round": ckpt.round if ckpt is not None else 0,
+        "checkpoint_round": checkpoint_round,
         "completions": len(texts),
         "with_marker": with_marker,
         "with_marker_prefix": sum(1 for text in texts if head in text),
