@@ -312,19 +312,19 @@ class BufferedStreamReader:
     def __init__(self, stream: INetStream) -> None:
         self._stream = stream
         self._ahead = b""
+        self._at = 0  # bytes of _ahead already served (an offset: no copy of the rest per read)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
     async def read(self, n: int | None = None) -> bytes:
-        if not self._ahead:
+        if self._at == len(self._ahead):
             if n is None or n < 0 or n >= self.CHUNK:
                 return await self._stream.read(n)
-            self._ahead = await self._stream.read(self.CHUNK)
-        if n is None or n < 0:
-            data, self._ahead = self._ahead, b""
-        else:
-            data, self._ahead = self._ahead[:n], self._ahead[n:]
+            self._ahead, self._at = await self._stream.read(self.CHUNK), 0
+        end = len(self._ahead) if n is None or n < 0 else self._at + n
+        data = self._ahead[self._at : end]
+        self._at += len(data)
         return data
 
 
