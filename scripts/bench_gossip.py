@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -220,6 +221,7 @@ def phase(i: int, n: int, schedule: str) -> float:
     return i / n if schedule == "staggered" else 0.0
 
 
+DRAIN_EVERY_S = 0.25  # node processes drain at this cadence (before 2026-11-30: woken per delivery)
 SETTLE_S = 2.0  # after every node has its mesh: a couple of heartbeats before the common start tick
 
 
@@ -234,7 +236,13 @@ def wait_for_mesh(workdir: Path, n: int, min_mesh: int, timeout: float) -> float
         if min(meshes) >= min_mesh:
             return time.monotonic() - began
         time.sleep(0.5)
-    raise RuntimeError(f"nodes did not reach {min_mesh} mesh peers within {timeout:.0f} s; see {workdir}")
+    # The work directory is temporary: keep its logs and events (not the keys) for the post-mortem.
+    kept = Path(tempfile.mkdtemp(prefix="snb-failed-", dir="/tmp"))
+    shutil.copytree(workdir, kept, dirs_exist_ok=True, ignore=shutil.ignore_patterns("k[0-9]*", "*.sock"))
+    raise RuntimeError(
+        f"nodes did not reach {min_mesh} mesh peers within {timeout:.0f} s (mesh sizes {meshes}); "
+        f"logs kept in {kept}"
+    )
 
 
 def run_gossip(
@@ -284,9 +292,9 @@ def run_gossip(
         ]
         time.sleep(SETTLE_S)
         # Idle cost: meshed, nobody publishing (discovery, heartbeats, status snapshots, keep-alives).
-        idle_before = cpu_seconds(node_pids + host_pids)
+        idle_before = cpu_seconds(node_pids), cpu_seconds(host_pids)
         time.sleep(idle)
-        idle_cpu_s = cpu_seconds(node_pids + host_pids) - idle_before
+        idle_nodes_s, idle_hosts_s = cpu_seconds(node_pids) - idle_before[0], cpu_seconds(host_pids) - idle_before[1]
         start_at = time.time() + 0.5
         go.write_text(f"{start_at:.3f}")
         wait_for_start(start_at)
@@ -314,13 +322,19 @@ def run_gossip(
     result["hosts_measured"] = len(host_pids)
     result["mesh_wait_s"] = round(waited, 1)
     # CPU of all 2n processes per second while meshed and idle, per node (node + its host)
-    result["idle_cpu_ms_per_s_per_node"] = round(1000.0 * idle_cpu_s / idle / n, 2) if idle else None
+    result["idle_cpu_ms_per_s_per_node"] = round(1000.0 * (idle_nodes_s + idle_hosts_s) / idle / n, 2) if idle else None
+    result["idle_cpu_ms_per_s_per_host"] = round(1000.0 * idle_hosts_s / idle / n, 2) if idle else None
     statuses = {i: next((e for e in ev if e["event"] == "status"), {}) for i, ev in events.items()}
     drops: dict[str, int] = {}
     for status in statuses.values():
         for place, count in (status.get("drops") or {}).items():
             drops[place] = drops.get(place, 0) + count
     result["drops_total"] = {place: count for place, count in drops.items() if count}
+    work: dict[str, int] = {}
+    for status in statuses.values():
+        for what, count in (status.get("work") or {}).items():
+            work[what] = work.get(what, 0) + count
+    result["host_work_total"] = work  # over the whole run, warm-up included
     result["nodes_without_status"] = sum(1 for status in statuses.values() if not status)
     return result
 
@@ -679,6 +693,13 @@ def main() -> int:
     parser.add_argument(
         "--set", action="append", default=[], help="P2PConfig override KEY=VALUE for every node (repeatable)"
     )
+    parser.add_argument(
+        "--drain-every",
+        type=float,
+        default=DRAIN_EVERY_S,
+        help="seconds between a node process's drains of what arrived, as a trainer drains once per "
+        "round (0: woken by each delivery; latency is taken on arrival in the node process either way)",
+    )
     parser.add_argument("--tcp-node", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tcp-ports", help=argparse.SUPPRESS)
     parser.add_argument("--tcp-start-at", type=float, help=argparse.SUPPRESS)
@@ -697,7 +718,7 @@ def main() -> int:
         )
         return 2
     results: dict[str, Any] = {}
-    extra = [arg for item in args.set for arg in ("--set", item)]
+    extra = [arg for item in args.set for arg in ("--set", item)] + ["--drain-every", str(args.drain_every)]
     load_before = os.getloadavg()
     # With --compare-baseline, baseline and improved runs alternate (B, I, B, I, ...) so both see
     # the same machine load as far as possible; the ratio is the before/after measure.
@@ -803,6 +824,7 @@ def main() -> int:
             "compare_baseline": args.compare_baseline,
             "hivemind": args.hivemind,
             "hivemind_poll_s": args.hivemind_poll if args.hivemind else None,
+            "drain_every_s": args.drain_every,
         },
         # The machine is shared: a load average well above its CPU count means the numbers are
         # pessimistic (other processes competed for the cores).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import stat
 from pathlib import Path
@@ -48,6 +49,7 @@ class KeyInUseError(IdentityError):
     """Another running process holds this key: two nodes must not share one identity."""
 
 
+@functools.lru_cache(maxsize=4096)  # base58 in pure Python: ~10 us per message without it
 def peer_id_from_public_key(public_key: bytes) -> str:
     """The libp2p peer id (``12D3KooW...``, as ``ID.pretty()``) of a raw 32-byte Ed25519 public key.
 

@@ -369,3 +369,117 @@ def test_pubsub_streams_are_read_through_the_buffer_unless_measuring_the_baselin
         host_module.Pubsub.continuously_read_stream = original  # type: ignore[method-assign]
     assert seen[0] is stream
     assert isinstance(seen[1], host_module.BufferedStreamReader) and seen[1]._stream is stream
+
+
+def test_tcp_reads_are_buffered_so_a_noise_frame_costs_one_socket_read_not_two(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    socket_reads: list[int] = []
+    library_receive = trio.SocketStream.receive_some
+
+    async def counted(self: trio.SocketStream, max_bytes: int | None = None) -> bytes:
+        data = await library_receive(self, max_bytes)
+        socket_reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(trio.SocketStream, "receive_some", counted)
+    # Noise frames hold at most 64 KB: these RPCs take one frame each, the last one several.
+    sizes = [8192] * 60 + [300, 20_000, 200_000]
+    monkeypatch.setattr(host_module.TrioTCPStream, "read", host_module.LIBRARY_TCP_READ)
+    assert trio.run(send_and_receive, sizes) == sizes
+    library_reads = len(socket_reads)
+    assert library_reads >= 2 * 60  # py-libp2p 0.8.1: a read for each frame's length, one for its body
+
+    socket_reads.clear()
+    host_module.buffer_tcp_reads()
+    assert host_module.TrioTCPStream.read is host_module.buffered_tcp_read
+    assert trio.run(send_and_receive, sizes) == sizes  # every byte, in order, through Noise and yamux
+    # about one per frame (a frame the sender's TCP split arrives in more); fewer when data piles up
+    assert len(socket_reads) <= 0.6 * library_reads, (len(socket_reads), library_reads)
+    assert max(socket_reads) <= host_module.TCP_READ_CHUNK
+
+
+def test_a_buffered_tcp_read_serves_what_the_socket_delivered_in_order_and_eof_after_it() -> None:
+    async def scenario() -> list[bytes]:
+        left, right = trio.socket.socketpair()
+        writer, reader = trio.SocketStream(left), host_module.TrioTCPStream(trio.SocketStream(right))
+        await writer.send_all(b"0123456789" * 10)
+        await writer.aclose()
+        out = [await host_module.buffered_tcp_read(reader, n) for n in (2, 0, 5, 50)]
+        out.append(await host_module.buffered_tcp_read(reader, None))  # the rest of what was taken ahead
+        out.append(await host_module.buffered_tcp_read(reader, 10))  # the socket is at EOF
+        return out
+
+    got = trio.run(scenario)
+    assert got == [b"01", b"", b"23456", (b"0123456789" * 10)[7:57], (b"0123456789" * 10)[57:], b""]
+
+
+def test_a_new_message_is_pushed_as_a_plain_task_in_the_hosts_nursery_and_its_failure_is_counted(
+    tmp_path: Path,
+) -> None:
+    pubsub = make_host(tmp_path).pubsub
+    manager = RecordingManager()
+    pubsub._manager = manager  # type: ignore[attr-defined]
+    forwarder = ID.from_base58(ids(1)[0])
+    author = new_host()
+    pushed: list[bytes] = []
+
+    async def push_msg(msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        pushed.append(msg.data)
+        if msg.data == b"bad":
+            raise RuntimeError("a bug in one message's handling")
+
+    pubsub.push_msg = push_msg  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            pubsub.skip_seen_copies(push_nursery=nursery)
+            for data in (b"bad", b"good"):
+                msg = rpc_pb2.Message(data=data, topicIDs=[Kind.HEARTBEAT.topic], from_id=author.get_id().to_bytes())
+                pubsub.manager.run_task(pubsub.push_msg, forwarder, msg)
+            pubsub._mark_msg_seen(msg)
+            pubsub.manager.run_task(pubsub.push_msg, forwarder, msg)  # a seen copy: not run at all
+
+    trio.run(scenario)  # the failing push did not cancel the nursery (the host's services)
+    assert sorted(pushed) == [b"bad", b"good"] and manager.spawned == []  # trio runs them in any order
+    assert pubsub.push_failures == 1 and pubsub.seen_copies_skipped == 1
+
+
+class WrittenStream:
+    """The stream a pubsub RPC is written to: records the bytes; ``muxed_conn.peer_id`` names the peer."""
+
+    def __init__(self, peer: ID) -> None:
+        self.muxed_conn = type("Conn", (), {"peer_id": peer})()
+        self.written: list[bytes] = []
+
+    async def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def test_a_forward_is_not_written_to_a_peer_that_already_sent_us_that_message(tmp_path: Path) -> None:
+    pubsub = make_host(tmp_path).pubsub
+    pubsub._manager = RecordingManager()  # type: ignore[attr-defined]
+    pubsub.skip_seen_copies()
+    holder, other = (ID.from_base58(p) for p in ids(2))
+    author = new_host().get_id().to_bytes()
+    msg = rpc_pb2.Message(data=b"batch", topicIDs=[Kind.HEARTBEAT.topic], from_id=author, seqno=b"\0" * 8)
+    pubsub.manager.run_task(pubsub.push_msg, holder, msg)  # the holder's copy arrives
+    forward = rpc_pb2.RPC(publish=[msg])
+
+    to_holder, to_other = WrittenStream(holder), WrittenStream(other)
+    assert trio.run(pubsub.write_msg, to_holder, forward) is True
+    assert trio.run(pubsub.write_msg, to_other, forward) is True
+    assert to_holder.written == [] and len(to_other.written) == 1 and pubsub.copies_not_sent == 1
+
+    # Anything else the RPC carries (control, subscriptions) or a message the peer did not send: written.
+    with_control = rpc_pb2.RPC(publish=[msg], control=rpc_pb2.ControlMessage(ihave=[]))
+    with_control.control.graft.add(topicID="t")
+    fresh = rpc_pb2.Message(data=b"new", topicIDs=[Kind.HEARTBEAT.topic], from_id=author, seqno=b"\0" * 7 + b"\1")
+    for rpc in (with_control, rpc_pb2.RPC(publish=[msg, fresh])):
+        trio.run(pubsub.write_msg, to_holder, rpc)
+    assert len(to_holder.written) == 2 and pubsub.copies_not_sent == 1
+
+    # A peer's claim is kept only while its key is of the size a real one has.
+    huge = rpc_pb2.Message(data=b"x", topicIDs=[Kind.HEARTBEAT.topic], from_id=b"\1" * 100_000, seqno=b"\0")
+    pubsub.manager.run_task(pubsub.push_msg, holder, huge)
+    assert len(pubsub._holders) == 1

@@ -62,6 +62,7 @@ class Received:
     msg_id: str  # hex content-addressed message id
     received_at: float  # wall-clock time the host accepted it
     forwarder: str = ""  # the connected peer that delivered it
+    arrived_at: float = 0.0  # wall-clock time this process read it from the host
 
 
 def _kind_name(kind: enum.Enum | str) -> str:
@@ -321,7 +322,7 @@ class P2PClient:
     def _on_frame(self, frame: Frame) -> None:
         if isinstance(frame, Deliver):
             item = Received(
-                frame.kind, frame.data, frame.origin, frame.msg_id, frame.received_at, frame.forwarder
+                frame.kind, frame.data, frame.origin, frame.msg_id, frame.received_at, frame.forwarder, time.time()
             )
             with self._inbox_lock:
                 held = self._inbox_by_forwarder.get(item.forwarder, 0)

@@ -223,7 +223,8 @@ def _check_batch_caps(batch: wire_pb2.RolloutBatch, caps: WireCaps) -> None:
         for name in ("dataset", "config_digest", "generator_version"):
             _check_chars(getattr(group.task, name), caps.max_name_chars, f"group {i} task.{name}")
         for j, completion in enumerate(group.completions):
-            _check_chars(completion.text, caps.max_chars_per_completion, f"group {i} completion {j}")
+            if len(completion.text) > caps.max_chars_per_completion:  # (the label only on failure)
+                _check_chars(completion.text, caps.max_chars_per_completion, f"group {i} completion {j}")
             logprob = completion.behaviour_logprob
             if completion.HasField("behaviour_logprob") and not (math.isfinite(logprob) and logprob <= 0.0):
                 raise WireError(

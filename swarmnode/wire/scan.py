@@ -84,19 +84,31 @@ def _scan(buf: memoryview, pos: int, end: int, rule: MessageRule, where: str, ma
     """Scan one message occupying buf[pos:end]; ``end`` beyond ``len(buf)`` only in a partial scan."""
     counts: dict[int, int] = {}
     unknown = 0
+    available = min(end, len(buf))
     while pos < end:
         if pos >= len(buf):
             raise _Stop
-        key, pos = _varint(buf, pos, end, where)
+        # One-byte varints (every key of these schemas, most counts) inline; the rest via _varint.
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos, end, where)
         number, wire_type = key >> 3, key & 7
         if not 0 < number <= _MAX_FIELD_NUMBER or wire_type in (SGROUP, EGROUP) or wire_type > I32:
             raise WireError("decode_error", f"{where}: invalid field key {key}")
         length = 0
         if wire_type == VARINT:
-            _, pos = _varint(buf, pos, end, where)
+            if pos < available and buf[pos] < 0x80:
+                pos += 1
+            else:
+                _, pos = _varint(buf, pos, end, where)
             body = pos
         elif wire_type == LEN:
-            length, body = _varint(buf, pos, end, where)
+            if pos < available and buf[pos] < 0x80:
+                length, body = buf[pos], pos + 1
+            else:
+                length, body = _varint(buf, pos, end, where)
             pos = body + length
         else:
             body = pos
