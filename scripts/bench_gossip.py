@@ -294,7 +294,10 @@ def run_gossip(
         # Idle cost: meshed, nobody publishing (discovery, heartbeats, status snapshots, keep-alives).
         idle_before = cpu_seconds(node_pids), cpu_seconds(host_pids)
         time.sleep(idle)
-        idle_nodes_s, idle_hosts_s = cpu_seconds(node_pids) - idle_before[0], cpu_seconds(host_pids) - idle_before[1]
+        idle_nodes_s, idle_hosts_s = (
+            cpu_seconds(node_pids) - idle_before[0],
+            cpu_seconds(host_pids) - idle_before[1],
+        )
         start_at = time.time() + 0.5
         go.write_text(f"{start_at:.3f}")
         wait_for_start(start_at)
@@ -322,7 +325,9 @@ def run_gossip(
     result["hosts_measured"] = len(host_pids)
     result["mesh_wait_s"] = round(waited, 1)
     # CPU of all 2n processes per second while meshed and idle, per node (node + its host)
-    result["idle_cpu_ms_per_s_per_node"] = round(1000.0 * (idle_nodes_s + idle_hosts_s) / idle / n, 2) if idle else None
+    result["idle_cpu_ms_per_s_per_node"] = (
+        round(1000.0 * (idle_nodes_s + idle_hosts_s) / idle / n, 2) if idle else None
+    )
     result["idle_cpu_ms_per_s_per_host"] = round(1000.0 * idle_hosts_s / idle / n, 2) if idle else None
     statuses = {i: next((e for e in ev if e["event"] == "status"), {}) for i, ev in events.items()}
     drops: dict[str, int] = {}

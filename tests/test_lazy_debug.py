@@ -13,7 +13,7 @@ import trio
 
 from swarmnode.p2p import lazy_debug
 
-MODULE = '''
+MODULE = """
 import logging
 
 logger = logging.getLogger("lazy_debug_probe")
@@ -50,7 +50,7 @@ class Box:
             return y + self.x
 
         return inner
-'''
+"""
 
 
 @pytest.fixture

@@ -435,7 +435,9 @@ def test_a_new_message_is_pushed_as_a_plain_task_in_the_hosts_nursery_and_its_fa
         async with trio.open_nursery() as nursery:
             pubsub.skip_seen_copies(push_nursery=nursery)
             for data in (b"bad", b"good"):
-                msg = rpc_pb2.Message(data=data, topicIDs=[Kind.HEARTBEAT.topic], from_id=author.get_id().to_bytes())
+                msg = rpc_pb2.Message(
+                    data=data, topicIDs=[Kind.HEARTBEAT.topic], from_id=author.get_id().to_bytes()
+                )
                 pubsub.manager.run_task(pubsub.push_msg, forwarder, msg)
             pubsub._mark_msg_seen(msg)
             pubsub.manager.run_task(pubsub.push_msg, forwarder, msg)  # a seen copy: not run at all
@@ -474,7 +476,9 @@ def test_a_forward_is_not_written_to_a_peer_that_already_sent_us_that_message(tm
     # Anything else the RPC carries (control, subscriptions) or a message the peer did not send: written.
     with_control = rpc_pb2.RPC(publish=[msg], control=rpc_pb2.ControlMessage(ihave=[]))
     with_control.control.graft.add(topicID="t")
-    fresh = rpc_pb2.Message(data=b"new", topicIDs=[Kind.HEARTBEAT.topic], from_id=author, seqno=b"\0" * 7 + b"\1")
+    fresh = rpc_pb2.Message(
+        data=b"new", topicIDs=[Kind.HEARTBEAT.topic], from_id=author, seqno=b"\0" * 7 + b"\1"
+    )
     for rpc in (with_control, rpc_pb2.RPC(publish=[msg, fresh])):
         trio.run(pubsub.write_msg, to_holder, rpc)
     assert len(to_holder.written) == 2 and pubsub.copies_not_sent == 1

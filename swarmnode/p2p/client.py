@@ -322,7 +322,13 @@ class P2PClient:
     def _on_frame(self, frame: Frame) -> None:
         if isinstance(frame, Deliver):
             item = Received(
-                frame.kind, frame.data, frame.origin, frame.msg_id, frame.received_at, frame.forwarder, time.time()
+                frame.kind,
+                frame.data,
+                frame.origin,
+                frame.msg_id,
+                frame.received_at,
+                frame.forwarder,
+                time.time(),
             )
             with self._inbox_lock:
                 held = self._inbox_by_forwarder.get(item.forwarder, 0)

@@ -244,7 +244,10 @@ def run(args: argparse.Namespace, log: JsonLines, should_stop: Callable[[], bool
                 # drains once per round (the host and the client's reader still take each message
                 # as it comes; its latency is stamped on arrival in this process).
                 wake_at = next_send if next_send < end else end + args.linger
-                wait = min(max(wake_at - time.time(), 0.0), STOP_CHECK_S if args.drain_every <= 0 else args.drain_every)
+                wait = min(
+                    max(wake_at - time.time(), 0.0),
+                    STOP_CHECK_S if args.drain_every <= 0 else args.drain_every,
+                )
                 if args.drain_every > 0:
                     time.sleep(wait)
                     items = client.drain()

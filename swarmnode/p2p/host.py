@@ -297,7 +297,9 @@ async def buffered_tcp_read(self: TrioTCPStream, n: int | None = None) -> bytes:
         try:
             chunk = await self.stream.receive_some(None if n is None else max(n, TCP_READ_CHUNK))
         except trio.BrokenResourceError as error:  # as TrioTCPStream.read: the peer reset it
-            raise ConnectionClosedError(f"TCP connection reset by remote peer: {error}", transport="tcp") from error
+            raise ConnectionClosedError(
+                f"TCP connection reset by remote peer: {error}", transport="tcp"
+            ) from error
         except trio.ClosedResourceError:  # closed locally: EOF, as TrioTCPStream.read
             return b""
         if n is None or len(chunk) <= n:
@@ -477,7 +479,12 @@ class GuardedPubsub(Pubsub):
         and it would drop our copy as seen. Such an RPC is not written (``copies_not_sent``):
         what /meshsub/1.2.0's IDONTWANT achieves, without its extra control message per peer.
         """
-        if self._holders and rpc_msg.publish and not rpc_msg.subscriptions and not rpc_msg.HasField("control"):
+        if (
+            self._holders
+            and rpc_msg.publish
+            and not rpc_msg.subscriptions
+            and not rpc_msg.HasField("control")
+        ):
             try:
                 peer = stream.muxed_conn.peer_id
                 if all(peer in self._holders.get(m.from_id + m.seqno, ()) for m in rpc_msg.publish):
@@ -671,7 +678,9 @@ class SwarmHost:
         self._to_disconnect_tx, self._to_disconnect_rx = trio.open_memory_channel[ID](1024)
         self._publish_tx, self._publish_rx = trio.open_memory_channel[Publish](64)
         # Frames for the node: accepted messages (at most receive_queue of them waiting) and snapshots.
-        self._ipc_tx, self._ipc_rx = trio.open_memory_channel[bytes](cfg.receive_queue + IPC_SNAPSHOT_HEADROOM)
+        self._ipc_tx, self._ipc_rx = trio.open_memory_channel[bytes](
+            cfg.receive_queue + IPC_SNAPSHOT_HEADROOM
+        )
         self._guard_dials()
         self.profiler: Any = None  # a cProfile.Profile when PROFILE_ENV is set (measurement only)
         self.profile_path: Path | None = None

@@ -62,7 +62,9 @@ class _GuardDebug(ast.NodeTransformer):
             and call.func.value.id in self.loggers
         ):
             enabled = ast.Call(
-                func=ast.Attribute(value=ast.Name(id=call.func.value.id, ctx=ast.Load()), attr="isEnabledFor", ctx=ast.Load()),
+                func=ast.Attribute(
+                    value=ast.Name(id=call.func.value.id, ctx=ast.Load()), attr="isEnabledFor", ctx=ast.Load()
+                ),
                 args=[ast.Constant(logging.DEBUG)],
                 keywords=[],
             )
