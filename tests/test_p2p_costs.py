@@ -487,3 +487,53 @@ def test_a_forward_is_not_written_to_a_peer_that_already_sent_us_that_message(tm
     huge = rpc_pb2.Message(data=b"x", topicIDs=[Kind.HEARTBEAT.topic], from_id=b"\1" * 100_000, seqno=b"\0")
     pubsub.manager.run_task(pubsub.push_msg, holder, huge)
     assert len(pubsub._holders) == 1
+
+
+def test_a_new_message_has_its_libp2p_signature_verified_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pubsub = make_host(tmp_path).pubsub
+    checked: list[bytes] = []
+
+    def counting_validator(msg: rpc_pb2.Message) -> bool:
+        checked.append(msg.data)
+        return msg.signature == b"good"
+
+    # Both names the check can be reached by: ours and the library's (its push_msg calls its own).
+    monkeypatch.setattr(host_module, "signature_validator", counting_validator)
+    monkeypatch.setattr("libp2p.pubsub.pubsub.signature_validator", counting_validator)
+    forwarded: list[bytes] = []
+
+    class Router:
+        async def publish(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+            forwarded.append(msg.data)
+
+    pubsub.router = Router()  # type: ignore[assignment]
+    bad_signatures: list[ID] = []
+    pubsub.on_bad_signature = bad_signatures.append  # type: ignore[method-assign]
+    pubsub.validate_msg = lambda *args: trio.sleep(0)  # type: ignore[method-assign]
+    forwarder = ID.from_base58(ids(1)[0])
+    author = new_host().get_id().to_bytes()
+    good = rpc_pb2.Message(data=b"a", topicIDs=[Kind.HEARTBEAT.topic], from_id=author, signature=b"good")
+    bad = rpc_pb2.Message(data=b"b", topicIDs=[Kind.HEARTBEAT.topic], from_id=author, signature=b"forged")
+    for msg in (good, bad, good):  # the second copy of `good` is seen: not checked again
+        trio.run(pubsub.push_msg, forwarder, msg)
+    assert checked == [b"a", b"b"]  # py-libp2p's push_msg after ours made it [a, a, b]
+    assert forwarded == [b"a"] and bad_signatures == [forwarder]
+
+
+def test_frames_queued_for_the_node_meanwhile_go_in_one_socket_write_in_order(tmp_path: Path) -> None:
+    host = make_host(tmp_path)
+    writes: list[bytes] = []
+
+    class NodeSocket:
+        async def send_all(self, data: bytes) -> None:
+            writes.append(data)
+
+    frames = [encode_frame(Snapshot({"n": i})) for i in range(5)]
+    for frame in frames:
+        host._ipc_tx.send_nowait(frame)
+    host._ipc_tx.close()  # the loop ends when the queue is drained and closed
+    trio.run(host._ipc_write_loop, NodeSocket())
+    assert writes == [b"".join(frames)]
+    assert [f.status["n"] for f in FrameDecoder().feed(writes[0])] == [0, 1, 2, 3, 4]  # type: ignore[union-attr]

@@ -940,7 +940,7 @@ class SwarmHost:
             while size < IPC_WRITE_BATCH_BYTES:
                 try:
                     frames.append(more := self._ipc_rx.receive_nowait())
-                except trio.WouldBlock:
+                except (trio.WouldBlock, trio.EndOfChannel):
                     break
                 size += len(more)
             await ipc.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
