@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,15 @@ def wait_for_mesh(workdir: Path, n: int, min_mesh: int, timeout: float) -> float
     )
 
 
+def summed_counters(statuses: Iterable[dict[str, Any]], key: str) -> dict[str, int]:
+    """Each counter of ``status[key]`` summed over the nodes' final statuses."""
+    total: dict[str, int] = {}
+    for status in statuses:
+        for name, count in (status.get(key) or {}).items():
+            total[name] = total.get(name, 0) + count
+    return total
+
+
 def run_gossip(
     n: int,
     size: int,
@@ -330,16 +340,9 @@ def run_gossip(
     )
     result["idle_cpu_ms_per_s_per_host"] = round(1000.0 * idle_hosts_s / idle / n, 2) if idle else None
     statuses = {i: next((e for e in ev if e["event"] == "status"), {}) for i, ev in events.items()}
-    drops: dict[str, int] = {}
-    for status in statuses.values():
-        for place, count in (status.get("drops") or {}).items():
-            drops[place] = drops.get(place, 0) + count
+    drops = summed_counters(statuses.values(), "drops")
     result["drops_total"] = {place: count for place, count in drops.items() if count}
-    work: dict[str, int] = {}
-    for status in statuses.values():
-        for what, count in (status.get("work") or {}).items():
-            work[what] = work.get(what, 0) + count
-    result["host_work_total"] = work  # over the whole run, warm-up included
+    result["host_work_total"] = summed_counters(statuses.values(), "work")  # the whole run, warm-up included
     result["nodes_without_status"] = sum(1 for status in statuses.values() if not status)
     return result
 

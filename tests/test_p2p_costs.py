@@ -537,3 +537,20 @@ def test_frames_queued_for_the_node_meanwhile_go_in_one_socket_write_in_order(tm
     trio.run(host._ipc_write_loop, NodeSocket())
     assert writes == [b"".join(frames)]
     assert [f.status["n"] for f in FrameDecoder().feed(writes[0])] == [0, 1, 2, 3, 4]  # type: ignore[union-attr]
+
+
+def test_what_a_host_remembers_about_who_sent_which_message_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(host_module, "HOLDERS_REMEMBERED", 3)
+    pubsub = make_host(tmp_path).pubsub
+    pubsub._manager = RecordingManager()  # type: ignore[attr-defined]
+    pubsub.skip_seen_copies()
+    author = new_host().get_id().to_bytes()
+    senders = [ID.from_base58(p) for p in ids(host_module.MAX_HOLDERS_PER_MESSAGE + 4)]
+    for seq in range(10):  # 10 messages: only the newest 3 are remembered
+        msg = rpc_pb2.Message(data=b"m", topicIDs=[Kind.HEARTBEAT.topic], from_id=author, seqno=bytes([seq]))
+        for sender in senders:  # more senders than are kept per message
+            pubsub._note_holder(sender, msg)
+    assert list(pubsub._holders) == [author + bytes([seq]) for seq in (7, 8, 9)]
+    assert all(len(h) == host_module.MAX_HOLDERS_PER_MESSAGE for h in pubsub._holders.values())

@@ -395,6 +395,14 @@ class BufferedStreamReader:
         return data
 
 
+def _holder_key(msg: rpc_pb2.Message) -> bytes | None:
+    """A message's (author, seqno) key for ``GuardedPubsub._holders``; None when longer than a real
+    one can be (a peer's bytes: the length is checked before anything is built from them)."""
+    if len(msg.from_id) + len(msg.seqno) > MAX_HOLDER_KEY_BYTES:
+        return None
+    return msg.from_id + msg.seqno
+
+
 class GuardedPubsub(Pubsub):
     """Pubsub that survives two py-libp2p 0.8.1 failure modes, each of which took the host down,
     and that keeps message validity a function of the message id.
@@ -461,8 +469,8 @@ class GuardedPubsub(Pubsub):
         per copy, and a peer that claims a message it does not have (a forged copy, an
         equivocating author's other message) only keeps that message from itself.
         """
-        key = msg.from_id + msg.seqno
-        if len(key) > MAX_HOLDER_KEY_BYTES:  # a peer's bytes: bounded before they are kept
+        key = _holder_key(msg)
+        if key is None:
             return
         with contextlib.suppress(Exception):
             holders = self._holders.setdefault(key, set())
@@ -487,7 +495,7 @@ class GuardedPubsub(Pubsub):
         ):
             try:
                 peer = stream.muxed_conn.peer_id
-                if all(peer in self._holders.get(m.from_id + m.seqno, ()) for m in rpc_msg.publish):
+                if all(peer in self._holders.get(_holder_key(m), ()) for m in rpc_msg.publish):
                     self.copies_not_sent += 1
                     return True
             except Exception:  # never lose a write over this check
@@ -513,9 +521,10 @@ class GuardedPubsub(Pubsub):
 
         Calling the library's after a signature check of our own (to count bad signatures)
         verified every new message's Ed25519 signature twice and hashed it for the seen cache
-        twice more; the checks and their order are the library's.
+        three times; here once each. The checks and their order are the library's.
         """
-        if self._drops_before_signature(msg_forwarder, msg):  # blacklisted forwarder or author, seen
+        msg_id = self._msg_id_constructor(msg)  # hashed once here, for the seen check and the mark
+        if self._drops_before_signature(msg_forwarder, msg, msg_id):  # blacklisted forwarder or author, seen
             return
         scorer = getattr(self.router, "scorer", None)
         with contextlib.suppress(Exception):  # as the library: a router without scoring passes
@@ -538,7 +547,7 @@ class GuardedPubsub(Pubsub):
                     for topic in msg.topicIDs:
                         scorer.on_invalid_message(msg_forwarder, topic)
             return
-        self._mark_msg_seen(msg)
+        self.seen_messages.add(msg_id)  # the library's _mark_msg_seen, without hashing again
         with contextlib.suppress(Exception):
             if scorer is not None:
                 for topic in msg.topicIDs:
@@ -549,13 +558,16 @@ class GuardedPubsub(Pubsub):
         self.notify_subscriptions(msg)
         await self.router.publish(msg_forwarder, msg)
 
-    def _drops_before_signature(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> bool:
-        """The library's own checks that come before its signature check (blacklist, seen)."""
+    def _drops_before_signature(
+        self, msg_forwarder: ID, msg: rpc_pb2.Message, msg_id: bytes | None = None
+    ) -> bool:
+        """The library's own checks that come before its signature check (blacklist, seen);
+        ``msg_id`` when the caller already has it."""
         try:
             return (
                 self.is_peer_blacklisted(msg_forwarder)
                 or self.is_peer_blacklisted(ID(msg.from_id))
-                or self._is_msg_seen(msg)
+                or self.seen_messages.has(self._msg_id_constructor(msg) if msg_id is None else msg_id)
             )
         except Exception:
             return False

@@ -80,7 +80,7 @@ def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
 
 
 def _guards(code: types.CodeType) -> int:
-    """How often ``code`` and the code nested in it look up ``isEnabledFor``."""
+    """How many of ``code`` and the code objects nested in it look up ``isEnabledFor``."""
     return sum(c.co_names.count("isEnabledFor") for c in (code, *_code_objects(code)))
 
 
