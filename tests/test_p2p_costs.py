@@ -36,7 +36,14 @@ from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_byt
 from swarmnode.config import P2PConfig
 from swarmnode.identity import Identity
 from swarmnode.p2p import host as host_module
-from swarmnode.p2p.host import SignedRecordCache, SwarmHost, pruned_addr_cache, shard_of, topics_for
+from swarmnode.p2p.host import (
+    SignedRecordCache,
+    SwarmHost,
+    content_message_id,
+    pruned_addr_cache,
+    shard_of,
+    topics_for,
+)
 from swarmnode.p2p.ipc import FrameDecoder, P2PStatus, Snapshot, encode_frame
 from swarmnode.wire import Kind
 
@@ -483,10 +490,12 @@ def test_a_forward_is_not_written_to_a_peer_that_already_sent_us_that_message(tm
         trio.run(pubsub.write_msg, to_holder, rpc)
     assert len(to_holder.written) == 2 and pubsub.copies_not_sent == 1
 
-    # A peer's claim is kept only while its key is of the size a real one has.
-    huge = rpc_pb2.Message(data=b"x", topicIDs=[Kind.HEARTBEAT.topic], from_id=b"\1" * 100_000, seqno=b"\0")
-    pubsub.manager.run_task(pubsub.push_msg, holder, huge)
-    assert len(pubsub._holders) == 1
+    # A restarted author reuses a seqno its previous run sent: a different message, still written.
+    reused = rpc_pb2.Message(
+        data=b"after restart", topicIDs=[Kind.HEARTBEAT.topic], from_id=author, seqno=b"\0" * 8
+    )
+    trio.run(pubsub.write_msg, to_holder, rpc_pb2.RPC(publish=[reused]))
+    assert len(to_holder.written) == 3 and pubsub.copies_not_sent == 1
 
 
 def test_a_new_message_has_its_libp2p_signature_verified_once(
@@ -549,8 +558,12 @@ def test_what_a_host_remembers_about_who_sent_which_message_is_bounded(
     author = new_host().get_id().to_bytes()
     senders = [ID.from_base58(p) for p in ids(host_module.MAX_HOLDERS_PER_MESSAGE + 4)]
     for seq in range(10):  # 10 messages: only the newest 3 are remembered
-        msg = rpc_pb2.Message(data=b"m", topicIDs=[Kind.HEARTBEAT.topic], from_id=author, seqno=bytes([seq]))
+        msg = rpc_pb2.Message(
+            data=bytes([seq]), topicIDs=[Kind.HEARTBEAT.topic], from_id=author, seqno=bytes([seq])
+        )
         for sender in senders:  # more senders than are kept per message
-            pubsub._note_holder(sender, msg)
-    assert list(pubsub._holders) == [author + bytes([seq]) for seq in (7, 8, 9)]
+            pubsub._note_holder(sender, content_message_id(msg))
+    assert list(pubsub._holders) == [
+        content_message_id(rpc_pb2.Message(data=bytes([seq]))) for seq in (7, 8, 9)
+    ]
     assert all(len(h) == host_module.MAX_HOLDERS_PER_MESSAGE for h in pubsub._holders.values())

@@ -113,7 +113,6 @@ DIAL_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 PUBSUB_DEAD_AFTER_S = 5.0  # connected but without a pubsub stream this long: reconnect
 HOLDERS_REMEMBERED = 4096  # message ids whose senders a host remembers (newest), for write_msg
 MAX_HOLDERS_PER_MESSAGE = 16
-MAX_HOLDER_KEY_BYTES = 64  # an Ed25519 peer id (38 bytes) and an 8-byte seqno, with room
 IPC_SNAPSHOT_HEADROOM = 4  # room for status snapshots beside a full receive queue
 IPC_WRITE_BATCH_BYTES = 1 << 20  # queued frames joined into one socket write, up to this size
 PEER_EXCHANGE_INTERVAL_S = 2.0  # while below degree_high connections
@@ -395,14 +394,6 @@ class BufferedStreamReader:
         return data
 
 
-def _holder_key(msg: rpc_pb2.Message) -> bytes | None:
-    """A message's (author, seqno) key for ``GuardedPubsub._holders``; None when longer than a real
-    one can be (a peer's bytes: the length is checked before anything is built from them)."""
-    if len(msg.from_id) + len(msg.seqno) > MAX_HOLDER_KEY_BYTES:
-        return None
-    return msg.from_id + msg.seqno
-
-
 class GuardedPubsub(Pubsub):
     """Pubsub that survives two py-libp2p 0.8.1 failure modes, each of which took the host down,
     and that keeps message validity a function of the message id.
@@ -426,7 +417,7 @@ class GuardedPubsub(Pubsub):
     seen_copies_skipped = 0
     copies_not_sent = 0
     push_failures = 0
-    _holders: OrderedDict[bytes, set[ID]]  # author + seqno -> peers that sent it to us (newest last)
+    _holders: OrderedDict[bytes, set[ID]]  # content id -> peers that sent it to us (newest last)
     buffered_reads = False  # BufferedStreamReader on every pubsub stream (off: the library's reads)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -451,8 +442,9 @@ class GuardedPubsub(Pubsub):
 
         def run_task_unless_dropped(async_fn: Any, *args: Any, **kwargs: Any) -> None:
             if async_fn == self.push_msg and len(args) == 2 and not kwargs:
-                self._note_holder(*args)
-                if self._drops_before_signature(*args):
+                msg_id = self._msg_id_constructor(args[1])  # hashed once for both uses
+                self._note_holder(args[0], msg_id)
+                if self._drops_before_signature(*args, msg_id):
                     self.seen_copies_skipped += 1
                     return None
                 if push_nursery is not None:
@@ -462,18 +454,14 @@ class GuardedPubsub(Pubsub):
 
         manager.run_task = run_task_unless_dropped  # type: ignore[method-assign]
 
-    def _note_holder(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
-        """Remember that ``msg_forwarder`` has ``msg`` (it sent it to us), for ``write_msg``.
+    def _note_holder(self, msg_forwarder: ID, msg_id: bytes) -> None:
+        """Remember that ``msg_forwarder`` has the message ``msg_id`` (it sent it to us), for ``write_msg``.
 
-        Keyed by (author, seqno), as the library's message cache, not by content hash: no hashing
-        per copy, and a peer that claims a message it does not have (a forged copy, an
-        equivocating author's other message) only keeps that message from itself.
+        Keyed by the content id, not by (author, seqno): a restarted host reuses seqnos its
+        previous run already sent, and a peer holding the old message would miss the new one.
         """
-        key = _holder_key(msg)
-        if key is None:
-            return
         with contextlib.suppress(Exception):
-            holders = self._holders.setdefault(key, set())
+            holders = self._holders.setdefault(msg_id, set())
             if len(holders) < MAX_HOLDERS_PER_MESSAGE:
                 holders.add(msg_forwarder)
             while len(self._holders) > HOLDERS_REMEMBERED:
@@ -495,7 +483,7 @@ class GuardedPubsub(Pubsub):
         ):
             try:
                 peer = stream.muxed_conn.peer_id
-                if all(peer in self._holders.get(_holder_key(m), ()) for m in rpc_msg.publish):
+                if all(peer in self._holders.get(self._msg_id_constructor(m), ()) for m in rpc_msg.publish):
                     self.copies_not_sent += 1
                     return True
             except Exception:  # never lose a write over this check
