@@ -11,7 +11,7 @@ message id, latency), ``attack`` (adversary mode: what was sent) and a final ``s
         --duration 30 --out results.jsonl
 
 ``--adversary`` publishes, besides its valid batches, one of each crafted bad message: a forged
-signature, a tampered payload, an oversize envelope, a replayed sequence number, random bytes.
+signature, a tampered payload, an oversize envelope, a reused sequence number (its first batch's), random bytes.
 """
 
 from __future__ import annotations
@@ -110,9 +110,20 @@ class BatchMaker:
 
 
 def craft_attack(
-    name: str, maker: BatchMaker, last_sequence: int, rng: random.Random, max_message_bytes: int = 1_000_000
+    name: str,
+    maker: BatchMaker,
+    last_sequence: int,
+    rng: random.Random,
+    max_message_bytes: int = 1_000_000,
+    old_sequence: int | None = None,
 ) -> bytes:
-    """One crafted bad message; ``last_sequence`` is a sequence number this node already used."""
+    """One crafted bad message; ``last_sequence`` is the sequence number this node used last.
+
+    The replay reuses ``old_sequence`` (default ``last_sequence``): one whose batch went out
+    seconds ago. A batch reusing the number of one sent a moment before races it, and a peer that
+    happens to validate the copy first keeps it and drops the genuine one as the replay (nothing
+    can tell which of two batches signed with one number is the genuine one).
+    """
     if name == "forged_signature":  # claims to be signed by another peer's key, which never signed it
         env = wire_pb2.Envelope.FromString(maker.payload(last_sequence + 1))
         env.signer_public_key = Identity.generate().public_key_bytes
@@ -128,7 +139,8 @@ def craft_attack(
         env.payload = env.payload + rng.randbytes(max_message_bytes + 10_000 - len(env.payload))
         return env.SerializeToString()
     if name == "replay":  # a fresh, validly signed batch reusing an old sequence number
-        return seal(maker.identity, Kind.ROLLOUT_BATCH, maker.batch(last_sequence, created_at=time.time()))
+        replayed = last_sequence if old_sequence is None else old_sequence
+        return seal(maker.identity, Kind.ROLLOUT_BATCH, maker.batch(replayed, created_at=time.time()))
     if name == "garbage":
         return rng.randbytes(4096)
     raise ValueError(f"unknown attack {name!r}; expected one of {ATTACKS}")
@@ -219,7 +231,7 @@ def run(args: argparse.Namespace, log: JsonLines, should_stop: Callable[[], bool
             log.write("start", start=start, msgs_in=status.msgs_in, wire_bytes_in=status.wire_bytes_in,
                       wire_bytes_out=status.wire_bytes_out)  # fmt: skip
             end = start + args.duration
-            next_send, sequence, sent = start, 0, 0
+            next_send, sequence, sent, first_sequence = start, 0, 0, None
             attacks = list(ATTACKS) if args.adversary else []
             while not should_stop() and time.time() < end + args.linger:
                 now = time.time()
@@ -233,9 +245,10 @@ def run(args: argparse.Namespace, log: JsonLines, should_stop: Callable[[], bool
                         "sent", sequence=sequence, msg_id=message_id(data).hex(), bytes=len(data), queued=ok
                     )
                     sent += 1
+                    first_sequence = sequence if first_sequence is None else first_sequence
                     if attacks and sent > ATTACK_AFTER_SENDS:
                         name = attacks.pop(0)
-                        bad = craft_attack(name, maker, sequence, rng, cfg.max_message_bytes)
+                        bad = craft_attack(name, maker, sequence, rng, cfg.max_message_bytes, first_sequence)
                         client.publish(Kind.ROLLOUT_BATCH, bad)
                         log.write("attack", name=name, msg_id=message_id(bad).hex(), bytes=len(bad))
                     next_send = max(next_send + 1.0 / args.rate, now)  # a late start does not burst

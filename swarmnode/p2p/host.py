@@ -27,8 +27,9 @@ socket closes. Everything here runs in one trio event loop:
   window (``window_update_at_half``), one stream read per RPC (``BufferedStreamReader``), one
   socket read per Noise frame (``buffered_tcp_read``), verified peer records remembered
   (``SignedRecordCache``), debug log arguments built only when DEBUG is on
-  (``swarmnode.p2p.lazy_debug``), no task spawned for a copy ``push_msg`` would drop at once and
-  a plain trio task for the others (``GuardedPubsub.skip_seen_copies``), each signature verified
+  (``swarmnode.p2p.lazy_debug``), no task spawned for a copy ``push_msg`` would drop at once, a
+  new message judged in its stream's order and forwarded from a plain trio task
+  (``GuardedPubsub.skip_seen_copies``), each signature verified
   once (``GuardedPubsub.push_msg``), no forward written to a peer that already sent us the message
   (``GuardedPubsub.write_msg``); ``SWARMNODE_P2P_BASELINE=1`` turns the cuts off for before/after
   measurements;
@@ -59,7 +60,7 @@ from google.protobuf.message import DecodeError
 from libp2p import new_host
 from libp2p.abc import INetStream
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
-from libp2p.exceptions import ParseError, ValidationError
+from libp2p.exceptions import ParseError
 from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
@@ -404,11 +405,11 @@ class GuardedPubsub(Pubsub):
     - Banning a peer (blacklist) races with the peer's own disconnect: the library's teardown
       does `del self.peers[peer_id]` after an await, and a KeyError there kills the host
       (measured in the adversarial test, about 1 run in 3).
-    - ``validate_msg`` runs the topic validators on every delivery and caches nothing. The library
-      cached each verdict per message id for 300 s: a drop that depends on state (rate, a banned
-      forwarder) then censored the same bytes from every other forwarder, and a cached "valid"
-      let a replay through unchecked once the seen cache (120-180 s) had forgotten the id. Our
-      pipeline keeps its own, longer windows and caches only verdicts decided by content.
+    - ``push_msg`` runs the topic validators on every delivery and caches nothing. The library's
+      ``validate_msg`` cached each verdict per message id for 300 s: a drop that depends on state
+      (rate, a banned forwarder) then censored the same bytes from every other forwarder, and a
+      cached "valid" let a replay through unchecked once the seen cache (120-180 s) had forgotten
+      the id. Our pipeline keeps its own, longer windows and caches only verdicts decided by content.
     - ``push_msg`` reports messages whose libp2p signature fails strict signing (the library drops
       them silently) to ``on_bad_signature(forwarder)``.
     """
@@ -426,29 +427,42 @@ class GuardedPubsub(Pubsub):
 
     def skip_seen_copies(self, push_nursery: trio.Nursery | None = None) -> None:
         """Do not spawn a task for a copy that ``push_msg`` would drop at once (seen, blacklisted);
-        with ``push_nursery``, run the others there as plain trio tasks.
+        with ``push_nursery``, judge the others at once, in the order their stream delivered them,
+        and forward an accepted one from a plain trio task there.
 
         The library's stream reader spawns ``push_msg`` as a managed task for every message of
         every RPC, duplicates included (~70 % of the copies at N = 8 with degree 4), and each spawn
         walks the service's whole task tree to find its parent and builds a task object with its
         own cancel scope and events. ``push_msg`` returns at once for such a copy, so not spawning
-        it changes nothing but the cost. A new message's ``push_msg`` in ``push_nursery`` (one
-        that lives as long as the host's services) skips that bookkeeping; an exception there is
-        logged and counted in ``push_failures`` (under the library's manager it would have stopped
-        the whole pubsub service). Call once the pubsub service runs (its manager exists).
+        it changes nothing but the cost. Judged in the reader, a peer's messages are validated in
+        the order it sent them: as spawned tasks, trio's scheduler ran two messages of one RPC in
+        either order, so of two batches one author signed with the same sequence number the later
+        one was kept about half the time and the earlier one dropped as its replay (the adversarial
+        test's flake); a rejected message no longer costs a task at all. The forward in
+        ``push_nursery`` (one that lives as long as the host's services) skips the manager's
+        bookkeeping; an exception while judging or forwarding is logged and counted in
+        ``push_failures`` (under the library's manager it would have stopped the whole pubsub
+        service). Call once the pubsub service runs (its manager exists).
         """
         manager = self.manager
         run_task = manager.run_task
 
         def run_task_unless_dropped(async_fn: Any, *args: Any, **kwargs: Any) -> None:
             if async_fn == self.push_msg and len(args) == 2 and not kwargs:
-                msg_id = self._msg_id_constructor(args[1])  # hashed once for both uses
-                self._note_holder(args[0], msg_id)
-                if self._drops_before_signature(*args, msg_id):
+                msg_forwarder, msg = args
+                msg_id = self._msg_id_constructor(msg)  # hashed once for every use
+                self._note_holder(msg_forwarder, msg_id)
+                if self._drops_before_signature(msg_forwarder, msg, msg_id):
                     self.seen_copies_skipped += 1
                     return None
                 if push_nursery is not None:
-                    push_nursery.start_soon(self._push_guarded, *args)
+                    try:
+                        accepted = self._accept(msg_forwarder, msg, msg_id)
+                    except Exception:  # never into the library's stream reader
+                        self._count_push_failure(msg_forwarder)
+                        return None
+                    if accepted:
+                        push_nursery.start_soon(self._forward_guarded, msg_forwarder, msg)
                     return None
             return run_task(async_fn, *args, **kwargs)
 
@@ -490,19 +504,20 @@ class GuardedPubsub(Pubsub):
                 pass
         return await super().write_msg(stream, rpc_msg)
 
-    async def _push_guarded(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+    async def _forward_guarded(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
         try:
-            await self.push_msg(msg_forwarder, msg)
+            await self.router.publish(msg_forwarder, msg)
         except Exception:  # one message's failure must not take the host down
-            self.push_failures += 1
-            if self.push_failures == 1:
-                log.exception("handling a pubsub message from %s failed", msg_forwarder)
+            self._count_push_failure(msg_forwarder)
 
-    async def validate_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
-        for topic_validator in self.get_msg_validators(msg):
-            # Our validators are all synchronous (set_topic_validator(..., is_async_validator=False)).
-            if not topic_validator.validator(msg_forwarder, msg):
-                raise ValidationError("message dropped by the validation pipeline")
+    def _count_push_failure(self, msg_forwarder: ID) -> None:
+        self.push_failures += 1
+        if self.push_failures == 1:
+            log.exception("handling a pubsub message from %s failed", msg_forwarder)
+
+    def _passes_validators(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        # Our validators are all synchronous (set_topic_validator(..., is_async_validator=False)).
+        return all(v.validator(msg_forwarder, msg) for v in self.get_msg_validators(msg))
 
     async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
         """py-libp2p 0.8.1's ``Pubsub.push_msg`` (pinned), in its order, with each check made once.
@@ -514,10 +529,17 @@ class GuardedPubsub(Pubsub):
         msg_id = self._msg_id_constructor(msg)  # hashed once here, for the seen check and the mark
         if self._drops_before_signature(msg_forwarder, msg, msg_id):  # blacklisted forwarder or author, seen
             return
+        if self._accept(msg_forwarder, msg, msg_id):
+            await self.router.publish(msg_forwarder, msg)
+
+    def _accept(self, msg_forwarder: ID, msg: rpc_pb2.Message, msg_id: bytes) -> bool:
+        """The checks of the library's ``push_msg`` after blacklist and seen, in its order, without
+        a checkpoint: on success the message is marked seen, handed to our subscriptions, and the
+        caller forwards it."""
         scorer = getattr(self.router, "scorer", None)
         with contextlib.suppress(Exception):  # as the library: a router without scoring passes
             if scorer is not None and not scorer.allow_publish(msg_forwarder, list(msg.topicIDs)):
-                return
+                return False
         if self.strict_signing:
             try:
                 signed = signature_validator(msg)
@@ -526,15 +548,13 @@ class GuardedPubsub(Pubsub):
             if not signed:
                 with contextlib.suppress(Exception):  # counting must never fail the library's task
                     self.on_bad_signature(msg_forwarder)
-                return
-        try:
-            await self.validate_msg(msg_forwarder, msg)
-        except ValidationError:
+                return False
+        if not self._passes_validators(msg_forwarder, msg):
             with contextlib.suppress(Exception):
                 if scorer is not None:
                     for topic in msg.topicIDs:
                         scorer.on_invalid_message(msg_forwarder, topic)
-            return
+            return False
         self.seen_messages.add(msg_id)  # the library's _mark_msg_seen, without hashing again
         with contextlib.suppress(Exception):
             if scorer is not None:
@@ -542,9 +562,9 @@ class GuardedPubsub(Pubsub):
                     scorer.on_first_delivery(msg_forwarder, topic)
         self_id = self.host.get_id()
         if ID(msg.from_id) == self_id and msg_forwarder != self_id:
-            return  # claims to be from us but was not published here
+            return False  # claims to be from us but was not published here
         self.notify_subscriptions(msg)
-        await self.router.publish(msg_forwarder, msg)
+        return True
 
     def _drops_before_signature(
         self, msg_forwarder: ID, msg: rpc_pb2.Message, msg_id: bytes | None = None
