@@ -175,6 +175,14 @@ class P2PConfig(_Section):
         "connections; 6 cost 1.2x the duplicate copies per delivery of 5 in the gossip bench (N = 8)",
     )
     heartbeat_interval: float = Field(1.0, gt=0.0, description="gossipsub heartbeat, seconds")
+    prune_backoff_s: int = Field(
+        15,
+        ge=1,
+        le=3600,
+        description="after a mesh peer prunes us (or we prune it), neither grafts the other for this long "
+        "(sent in each PRUNE). The spec's 60 s left nodes below degree_low for a minute or more at N = 10 "
+        "(10 of 40 node-runs); 15 s bounded the longest stretch at 30 s (scripts/bench_mesh.py)",
+    )
     max_message_bytes: int = Field(1_000_000, ge=1024, le=1_048_000)
     max_groups_per_batch: int = Field(64, ge=1)
     max_completions_per_group: int = Field(64, ge=1)

@@ -93,6 +93,21 @@ def test_a_sharded_host_keeps_dialing_until_it_has_degree_peers_of_its_own_shard
     assert not unsharded._needs_peers(set(others[:high]))
 
 
+def test_the_configured_prune_backoff_is_the_routers_and_every_prune_it_sends_carries_it(
+    tmp_path: Path,
+) -> None:
+    gossipsub = make_host(tmp_path, prune_backoff_s=42).gossipsub
+    sent: list[rpc_pb2.ControlMessage] = []
+
+    async def emit_control_message(control_msg: rpc_pb2.ControlMessage, to_peer: ID) -> None:
+        sent.append(control_msg)
+
+    gossipsub.emit_control_message = emit_control_message  # type: ignore[method-assign]
+    trio.run(gossipsub.emit_prune, "rollouts", ID.from_base58(ids(1)[0]), False, False)
+    assert [prune.backoff for prune in sent[0].prune] == [42]
+    assert make_host(tmp_path / "default").gossipsub.prune_back_off == 15  # the spec says 60 (bench_mesh.py)
+
+
 # ----------------------------------------------------------------------------- peer-record cache
 def rpc_with_record(record: bytes) -> rpc_pb2.RPC:
     rpc = rpc_pb2.RPC()

@@ -658,6 +658,7 @@ class SwarmHost:
             degree_low=cfg.degree_low,
             degree_high=cfg.degree_high,
             heartbeat_interval=cfg.heartbeat_interval,  # type: ignore[arg-type]  # trio.sleep takes floats
+            prune_back_off=cfg.prune_backoff_s,
             adaptive_gossip_enabled=False,
             spam_protection_enabled=False,
         )
