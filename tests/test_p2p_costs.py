@@ -233,6 +233,20 @@ class RecordingManager:
         self.spawned.append((async_fn, args))
 
 
+class RecordingRouter:
+    """Stands in for the gossipsub router: records the data of each forwarded message, in order;
+    raises on a message whose data is ``fails_on``."""
+
+    def __init__(self, fails_on: bytes | None = None) -> None:
+        self.forwarded: list[bytes] = []
+        self.fails_on = fails_on
+
+    async def publish(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        self.forwarded.append(msg.data)
+        if msg.data == self.fails_on:
+            raise RuntimeError("a bug in one message's forward")
+
+
 def test_a_copy_push_msg_would_drop_at_once_is_not_spawned_and_anything_else_is(tmp_path: Path) -> None:
     pubsub = make_host(tmp_path).pubsub
     manager = RecordingManager()
@@ -456,15 +470,8 @@ def test_a_new_message_is_judged_in_the_reader_and_forwarded_from_a_plain_task_a
         return msg.data != b"rejected"
 
     pubsub.set_topic_validator(Kind.HEARTBEAT.topic, validator, is_async_validator=False)
-    forwarded: list[bytes] = []
-
-    class Router:
-        async def publish(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
-            forwarded.append(msg.data)
-            if msg.data == b"forwarding fails":
-                raise RuntimeError("a bug in one message's forward")
-
-    pubsub.router = Router()  # type: ignore[assignment]
+    router = RecordingRouter(fails_on=b"forwarding fails")
+    pubsub.router = router  # type: ignore[assignment]
 
     async def scenario() -> None:
         async with trio.open_nursery() as nursery:
@@ -479,7 +486,7 @@ def test_a_new_message_is_judged_in_the_reader_and_forwarded_from_a_plain_task_a
 
     trio.run(scenario)  # neither failure cancelled the nursery (the host's services)
     assert judged == [b"judging fails", b"rejected", b"forwarding fails", b"good"]
-    assert sorted(forwarded) == [b"forwarding fails", b"good"] and manager.spawned == []
+    assert sorted(router.forwarded) == [b"forwarding fails", b"good"] and manager.spawned == []
     assert pubsub.push_failures == 2 and pubsub.seen_copies_skipped == 1
 
 
@@ -498,13 +505,8 @@ def test_of_two_batches_an_author_signed_with_one_sequence_number_the_first_to_a
     kind = Kind.ROLLOUT_BATCH
     topic = host.topics[kind.name]
     pubsub.set_topic_validator(topic, host._validator(kind.name), is_async_validator=False)
-    forwarded: list[bytes] = []
-
-    class Router:
-        async def publish(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
-            forwarded.append(msg.data)
-
-    pubsub.router = Router()  # type: ignore[assignment]
+    router = RecordingRouter()
+    pubsub.router = router  # type: ignore[assignment]
     firsts: list[bytes] = []
 
     async def scenario() -> None:
@@ -526,7 +528,7 @@ def test_of_two_batches_an_author_signed_with_one_sequence_number_the_first_to_a
                 await trio.sleep(0)
 
     trio.run(scenario)
-    assert forwarded == firsts
+    assert router.forwarded == firsts
     assert host.pipeline.counts[(kind, Reason.REPLAY)] == 24
 
 
@@ -587,13 +589,8 @@ def test_a_new_message_has_its_libp2p_signature_verified_once(
     # Both names the check can be reached by: ours and the library's (its push_msg calls its own).
     monkeypatch.setattr(host_module, "signature_validator", counting_validator)
     monkeypatch.setattr("libp2p.pubsub.pubsub.signature_validator", counting_validator)
-    forwarded: list[bytes] = []
-
-    class Router:
-        async def publish(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
-            forwarded.append(msg.data)
-
-    pubsub.router = Router()  # type: ignore[assignment]
+    router = RecordingRouter()
+    pubsub.router = router  # type: ignore[assignment]
     bad_signatures: list[ID] = []
     pubsub.on_bad_signature = bad_signatures.append  # type: ignore[method-assign]
     forwarder = ID.from_base58(ids(1)[0])
@@ -603,7 +600,7 @@ def test_a_new_message_has_its_libp2p_signature_verified_once(
     for msg in (good, bad, good):  # the second copy of `good` is seen: not checked again
         trio.run(pubsub.push_msg, forwarder, msg)
     assert checked == [b"a", b"b"]  # py-libp2p's push_msg after ours made it [a, a, b]
-    assert forwarded == [b"a"] and bad_signatures == [forwarder]
+    assert router.forwarded == [b"a"] and bad_signatures == [forwarder]
 
 
 def test_frames_queued_for_the_node_meanwhile_go_in_one_socket_write_in_order(tmp_path: Path) -> None:

@@ -566,16 +566,13 @@ class GuardedPubsub(Pubsub):
         self.notify_subscriptions(msg)
         return True
 
-    def _drops_before_signature(
-        self, msg_forwarder: ID, msg: rpc_pb2.Message, msg_id: bytes | None = None
-    ) -> bool:
-        """The library's own checks that come before its signature check (blacklist, seen);
-        ``msg_id`` when the caller already has it."""
+    def _drops_before_signature(self, msg_forwarder: ID, msg: rpc_pb2.Message, msg_id: bytes) -> bool:
+        """The library's own checks that come before its signature check (blacklist, seen)."""
         try:
             return (
                 self.is_peer_blacklisted(msg_forwarder)
                 or self.is_peer_blacklisted(ID(msg.from_id))
-                or self.seen_messages.has(self._msg_id_constructor(msg) if msg_id is None else msg_id)
+                or self.seen_messages.has(msg_id)
             )
         except Exception:
             return False
