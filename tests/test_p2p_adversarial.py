@@ -32,16 +32,21 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from swarmnode.config import P2PConfig
 from swarmnode.identity import Identity
-from swarmnode.p2p.host import SwarmHost, _FirstLineOnly, content_message_id
+from swarmnode.p2p.host import (
+    GuardedPubsub,
+    NoSignGossipSub,
+    SwarmHost,
+    _FirstLineOnly,
+    content_message_id,
+)
 from swarmnode.p2p.ipc import SNAPSHOT_MAX_BANNED, Deliver, FrameDecoder, P2PStatus, Snapshot, encode_frame
 from swarmnode.p2p.pipeline import ADMIT_BURST, ADMIT_PER_S, Reason
 from swarmnode.wire import Kind, NodeHeartbeat, encode_heartbeat, message_id, seal
@@ -77,7 +82,8 @@ class NodeSide:
 
 
 class Publisher:
-    """A plain py-libp2p peer (strict signing) that publishes raw bytes, attached to the host under test."""
+    """A py-libp2p peer that publishes raw bytes under the protocol's StrictNoSign policy (the
+    project's pubsub and router classes), attached to the host under test."""
 
     def __init__(self, identity: Identity) -> None:
         self.identity = identity
@@ -90,12 +96,12 @@ class Publisher:
             },
             muxer_preference="YAMUX",
         )
-        self.gossipsub = GossipSub(
+        self.gossipsub = NoSignGossipSub(
             protocols=[PROTOCOL_ID_V11], degree=4, degree_low=3, degree_high=6, heartbeat_interval=1,
             adaptive_gossip_enabled=False, spam_protection_enabled=False,
         )  # fmt: skip
-        self.pubsub = Pubsub(
-            self.host, self.gossipsub, strict_signing=True, msg_id_constructor=content_message_id
+        self.pubsub = GuardedPubsub(
+            self.host, self.gossipsub, strict_signing=False, msg_id_constructor=content_message_id
         )
 
     async def publish(self, data: bytes) -> None:
@@ -325,8 +331,11 @@ def test_1300_banned_sybils_do_not_crash_the_snapshot_and_bans_survive_a_restart
     trio.run(second_life)
 
 
-def test_a_bad_libp2p_signature_is_counted_and_bans_the_connection_that_sent_it(short_tmp: Path) -> None:
-    """py-libp2p strict signing drops these silently; the host counts them and blames the forwarder."""
+def test_a_message_carrying_libp2p_author_fields_is_counted_and_bans_the_connection_that_sent_it(
+    short_tmp: Path,
+) -> None:
+    """StrictNoSign: a valid envelope inside a pubsub message with ``from``/``seqno``/``signature``/
+    ``key`` (here a forged libp2p signature) is dropped before our pipeline, and the forwarder blamed."""
     author, relay = Identity.generate(), Identity.generate()
     msg = rpc_pb2.Message(
         from_id=ID.from_base58(author.peer_id).to_bytes(),
@@ -341,8 +350,8 @@ def test_a_bad_libp2p_signature_is_counted_and_bans_the_connection_that_sent_it(
         async with host_under_test(short_tmp) as (host, node):
             forwarder = ID.from_base58(relay.peer_id)
             await host.pubsub.push_msg(forwarder, msg)
-            assert host.drops["libp2p_bad_signature"] == 1
-            assert host.pipeline.peer_counts(relay.peer_id)[Reason.LIBP2P_BAD_SIGNATURE] == 1
+            assert host.drops["libp2p_signing_policy"] == 1
+            assert host.pipeline.peer_counts(relay.peer_id)[Reason.LIBP2P_SIGNING_POLICY] == 1
             assert (
                 host.pipeline.scores.is_banned(relay.peer_id) and forwarder in host.pubsub.blacklisted_peers
             )

@@ -27,6 +27,7 @@ from libp2p.io.exceptions import MessageTooLarge
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.peer.peerstore import env_to_send_in_RPC
+from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.utils import maybe_consume_signed_record
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -253,21 +254,16 @@ def test_a_copy_push_msg_would_drop_at_once_is_not_spawned_and_anything_else_is(
     pubsub._manager = manager  # type: ignore[attr-defined]
     pubsub.skip_seen_copies()
     forwarder = ID.from_base58(ids(1)[0])
-    author = new_host()
-    msg = rpc_pb2.Message(
-        data=b"envelope", topicIDs=[Kind.HEARTBEAT.topic], from_id=author.get_id().to_bytes()
-    )
+    msg = rpc_pb2.Message(data=b"envelope", topicIDs=[Kind.HEARTBEAT.topic])
     pubsub.manager.run_task(pubsub.push_msg, forwarder, msg)
     assert len(manager.spawned) == 1  # first copy: the library's path, validation included
     pubsub._mark_msg_seen(msg)
     pubsub.manager.run_task(pubsub.push_msg, forwarder, msg)
     assert len(manager.spawned) == 1 and pubsub.seen_copies_skipped == 1
-    other = rpc_pb2.Message(
-        data=b"other", topicIDs=[Kind.HEARTBEAT.topic], from_id=author.get_id().to_bytes()
-    )
+    other = rpc_pb2.Message(data=b"other", topicIDs=[Kind.HEARTBEAT.topic])
     pubsub.manager.run_task(pubsub.push_msg, forwarder, other)
     pubsub.add_to_blacklist(forwarder)  # a blacklisted forwarder's copy is dropped at once too
-    pubsub.manager.run_task(pubsub.push_msg, forwarder, rpc_pb2.Message(data=b"3", from_id=msg.from_id))
+    pubsub.manager.run_task(pubsub.push_msg, forwarder, rpc_pb2.Message(data=b"3"))
 
     async def unrelated() -> None:
         return None
@@ -455,12 +451,10 @@ def test_a_buffered_tcp_read_serves_what_the_socket_delivered_in_order_and_eof_a
 def test_a_new_message_is_judged_in_the_reader_and_forwarded_from_a_plain_task_and_failures_are_counted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(host_module, "signature_validator", lambda msg: True)
     pubsub = make_host(tmp_path).pubsub
     manager = RecordingManager()
     pubsub._manager = manager  # type: ignore[attr-defined]
     forwarder = ID.from_base58(ids(1)[0])
-    author = new_host()
     judged: list[bytes] = []
 
     def validator(msg_forwarder: ID, msg: rpc_pb2.Message) -> bool:
@@ -477,9 +471,7 @@ def test_a_new_message_is_judged_in_the_reader_and_forwarded_from_a_plain_task_a
         async with trio.open_nursery() as nursery:
             pubsub.skip_seen_copies(push_nursery=nursery)
             for data in (b"judging fails", b"rejected", b"forwarding fails", b"good"):
-                msg = rpc_pb2.Message(
-                    data=data, topicIDs=[Kind.HEARTBEAT.topic], from_id=author.get_id().to_bytes()
-                )
+                msg = rpc_pb2.Message(data=data, topicIDs=[Kind.HEARTBEAT.topic])
                 pubsub.manager.run_task(pubsub.push_msg, forwarder, msg)
                 assert judged[-1] == data  # judged before the reader reads on, not in a task
             pubsub.manager.run_task(pubsub.push_msg, forwarder, msg)  # a seen copy: not judged again
@@ -498,7 +490,6 @@ def test_of_two_batches_an_author_signed_with_one_sequence_number_the_first_to_a
     from swarmnode.p2p.gossip_node import BatchMaker
     from swarmnode.wire import seal
 
-    monkeypatch.setattr(host_module, "signature_validator", lambda msg: True)  # libp2p's, not ours
     host = make_host(tmp_path)
     pubsub = host.pubsub
     pubsub._manager = RecordingManager()  # type: ignore[attr-defined]
@@ -521,9 +512,7 @@ def test_of_two_batches_an_author_signed_with_one_sequence_number_the_first_to_a
                 second = seal(author, kind, maker.batch(sequence, created_at=time.time() + 0.5))
                 firsts.append(first)
                 for data in (first, second):  # one RPC's two messages, read one after the other
-                    msg = rpc_pb2.Message(
-                        data=data, topicIDs=[topic], from_id=ID.from_base58(author.peer_id).to_bytes()
-                    )
+                    msg = rpc_pb2.Message(data=data, topicIDs=[topic])
                     pubsub.manager.run_task(pubsub.push_msg, forwarder, msg)
                 await trio.sleep(0)
 
@@ -548,8 +537,7 @@ def test_a_forward_is_not_written_to_a_peer_that_already_sent_us_that_message(tm
     pubsub._manager = RecordingManager()  # type: ignore[attr-defined]
     pubsub.skip_seen_copies()
     holder, other = (ID.from_base58(p) for p in ids(2))
-    author = new_host().get_id().to_bytes()
-    msg = rpc_pb2.Message(data=b"batch", topicIDs=[Kind.HEARTBEAT.topic], from_id=author, seqno=b"\0" * 8)
+    msg = rpc_pb2.Message(data=b"batch", topicIDs=[Kind.HEARTBEAT.topic])
     pubsub.manager.run_task(pubsub.push_msg, holder, msg)  # the holder's copy arrives
     forward = rpc_pb2.RPC(publish=[msg])
 
@@ -561,25 +549,51 @@ def test_a_forward_is_not_written_to_a_peer_that_already_sent_us_that_message(tm
     # Anything else the RPC carries (control, subscriptions) or a message the peer did not send: written.
     with_control = rpc_pb2.RPC(publish=[msg], control=rpc_pb2.ControlMessage(ihave=[]))
     with_control.control.graft.add(topicID="t")
-    fresh = rpc_pb2.Message(
-        data=b"new", topicIDs=[Kind.HEARTBEAT.topic], from_id=author, seqno=b"\0" * 7 + b"\1"
-    )
+    fresh = rpc_pb2.Message(data=b"new", topicIDs=[Kind.HEARTBEAT.topic])
     for rpc in (with_control, rpc_pb2.RPC(publish=[msg, fresh])):
         trio.run(pubsub.write_msg, to_holder, rpc)
     assert len(to_holder.written) == 2 and pubsub.copies_not_sent == 1
 
-    # A restarted author reuses a seqno its previous run sent: a different message, still written.
-    reused = rpc_pb2.Message(
-        data=b"after restart", topicIDs=[Kind.HEARTBEAT.topic], from_id=author, seqno=b"\0" * 8
-    )
-    trio.run(pubsub.write_msg, to_holder, rpc_pb2.RPC(publish=[reused]))
-    assert len(to_holder.written) == 3 and pubsub.copies_not_sent == 1
 
-
-def test_a_new_message_has_its_libp2p_signature_verified_once(
+def test_under_strict_no_sign_a_message_with_any_libp2p_author_field_is_refused_and_its_forwarder_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    def no_libp2p_signature_check(msg: rpc_pb2.Message) -> bool:
+        raise AssertionError("StrictNoSign verifies no libp2p signature (the envelope's is the one)")
+
+    monkeypatch.setattr(host_module, "signature_validator", no_libp2p_signature_check)
+    monkeypatch.setattr("libp2p.pubsub.pubsub.signature_validator", no_libp2p_signature_check)
     pubsub = make_host(tmp_path).pubsub
+    assert not pubsub.strict_signing
+    router = RecordingRouter()
+    pubsub.router = router  # type: ignore[assignment]
+    broken: list[ID] = []
+    pubsub.on_signing_policy_broken = broken.append  # type: ignore[method-assign]
+    forwarder = ID.from_base58(ids(1)[0])
+    topic = Kind.HEARTBEAT.topic
+    trio.run(pubsub.push_msg, forwarder, rpc_pb2.Message(data=b"plain", topicIDs=[topic]))
+    for name in host_module.LIBP2P_AUTHOR_FIELDS:
+        msg = rpc_pb2.Message(data=name.encode(), topicIDs=[topic], **{name: b"\x01"})
+        trio.run(pubsub.push_msg, forwarder, msg)
+    assert router.forwarded == [b"plain"] and broken == [forwarder] * 4
+    # Our own publish carries data and topics only, and is forwarded.
+    published: list[rpc_pb2.Message] = []
+
+    async def record(msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        published.append(msg)
+
+    router.publish = record  # type: ignore[method-assign]
+    trio.run(pubsub.publish, topic, b"own")
+    assert [m.data for m in published] == [b"own"] and list(published[0].topicIDs) == [topic]
+    assert not any(published[0].HasField(name) for name in host_module.LIBP2P_AUTHOR_FIELDS)
+
+
+def test_the_strict_sign_baseline_checks_each_new_messages_libp2p_signature_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(host_module.BASELINE_ENV, "1")
+    pubsub = make_host(tmp_path).pubsub
+    assert pubsub.strict_signing
     checked: list[bytes] = []
 
     def counting_validator(msg: rpc_pb2.Message) -> bool:
@@ -591,8 +605,8 @@ def test_a_new_message_has_its_libp2p_signature_verified_once(
     monkeypatch.setattr("libp2p.pubsub.pubsub.signature_validator", counting_validator)
     router = RecordingRouter()
     pubsub.router = router  # type: ignore[assignment]
-    bad_signatures: list[ID] = []
-    pubsub.on_bad_signature = bad_signatures.append  # type: ignore[method-assign]
+    broken: list[ID] = []
+    pubsub.on_signing_policy_broken = broken.append  # type: ignore[method-assign]
     forwarder = ID.from_base58(ids(1)[0])
     author = new_host().get_id().to_bytes()
     good = rpc_pb2.Message(data=b"a", topicIDs=[Kind.HEARTBEAT.topic], from_id=author, signature=b"good")
@@ -600,7 +614,78 @@ def test_a_new_message_has_its_libp2p_signature_verified_once(
     for msg in (good, bad, good):  # the second copy of `good` is seen: not checked again
         trio.run(pubsub.push_msg, forwarder, msg)
     assert checked == [b"a", b"b"]  # py-libp2p's push_msg after ours made it [a, a, b]
-    assert router.forwarded == [b"a"] and bad_signatures == [forwarder]
+    assert router.forwarded == [b"a"] and broken == [forwarder]
+
+
+def test_the_router_keys_gossip_by_content_id_so_an_ihave_asks_only_for_unseen_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = make_host(tmp_path)
+    router = host.gossipsub
+    topic = Kind.HEARTBEAT.topic
+    first, second, unseen = (rpc_pb2.Message(data=d, topicIDs=[topic]) for d in (b"1", b"2", b"3"))
+    # No from + seqno: the library's equivocation check would take the second for an equivocation.
+    assert GossipSub._check_equivocation(router, first) and not GossipSub._check_equivocation(router, second)
+    assert router._check_equivocation(first) and router._check_equivocation(second)
+    router.mcache.put(first)
+    router.mcache.put(second)
+    assert router.mcache.window(topic) == [content_message_id(first), content_message_id(second)]
+    assert router.mcache.get(content_message_id(second)) is second  # what an IWANT for it finds
+    wanted: list[bytes] = []
+
+    async def emit_iwant(msg_ids: list[bytes], to_peer: ID) -> None:
+        wanted.extend(msg_ids)
+
+    monkeypatch.setattr(router, "emit_iwant", emit_iwant)
+    host.pubsub.seen_messages.add(content_message_id(first))
+    ihave = rpc_pb2.ControlIHave(topicID=topic, messageIDs=[content_message_id(m) for m in (first, unseen)])
+    trio.run(router.handle_ihave, ihave, ID.from_base58(ids(1)[0]))
+    assert wanted == [content_message_id(unseen)]
+
+    monkeypatch.setenv(host_module.BASELINE_ENV, "1")  # the library's own router, for measurements
+    assert type(make_host(tmp_path).gossipsub) is GossipSub
+
+
+def test_taking_a_free_lock_is_a_cancel_point_but_not_a_schedule_point_and_a_held_one_is_waited_for(
+    tmp_path: Path,
+) -> None:
+    make_host(tmp_path)  # installs it for the process
+    order: list[str] = []
+
+    async def scenario() -> None:
+        lock, semaphore = trio.Lock(), trio.Semaphore(1)
+
+        async def sibling() -> None:
+            order.append("sibling ran")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sibling)
+            async with lock:
+                order.append("lock")
+            async with semaphore:
+                order.append("semaphore")
+        assert order == ["lock", "semaphore", "sibling ran"]  # no yield on the way in
+
+        async def holder(name: str, hold_s: float) -> None:
+            async with lock:
+                order.append(f"{name} in")
+                await trio.sleep(hold_s)
+                order.append(f"{name} out")
+
+        order.clear()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(holder, "first", 0.05)
+            await trio.sleep(0.01)
+            nursery.start_soon(holder, "second", 0)
+        assert order == ["first in", "first out", "second in", "second out"]
+
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await lock.acquire()  # a cancelled task still stops at acquire
+            order.append("acquired while cancelled")
+        assert scope.cancelled_caught and not lock.locked() and "acquired while cancelled" not in order
+
+    trio.run(scenario)
 
 
 def test_frames_queued_for_the_node_meanwhile_go_in_one_socket_write_in_order(tmp_path: Path) -> None:
@@ -627,12 +712,9 @@ def test_what_a_host_remembers_about_who_sent_which_message_is_bounded(
     pubsub = make_host(tmp_path).pubsub
     pubsub._manager = RecordingManager()  # type: ignore[attr-defined]
     pubsub.skip_seen_copies()
-    author = new_host().get_id().to_bytes()
     senders = [ID.from_base58(p) for p in ids(host_module.MAX_HOLDERS_PER_MESSAGE + 4)]
     for seq in range(10):  # 10 messages: only the newest 3 are remembered
-        msg = rpc_pb2.Message(
-            data=bytes([seq]), topicIDs=[Kind.HEARTBEAT.topic], from_id=author, seqno=bytes([seq])
-        )
+        msg = rpc_pb2.Message(data=bytes([seq]), topicIDs=[Kind.HEARTBEAT.topic])
         for sender in senders:  # more senders than are kept per message
             pubsub._note_holder(sender, content_message_id(msg))
     assert list(pubsub._holders) == [

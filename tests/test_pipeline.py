@@ -509,8 +509,8 @@ def test_a_self_published_liar_is_penalized_once_per_report(pipeline: Validation
 
 
 def test_libp2p_level_drops_are_counted_against_the_forwarder(pipeline: ValidationPipeline) -> None:
-    assert pipeline.record_forwarder("conn", Reason.LIBP2P_BAD_SIGNATURE) == ("conn",)
-    assert pipeline.peer_counts("conn")[Reason.LIBP2P_BAD_SIGNATURE] == 1
+    assert pipeline.record_forwarder("conn", Reason.LIBP2P_SIGNING_POLICY) == ("conn",)
+    assert pipeline.peer_counts("conn")[Reason.LIBP2P_SIGNING_POLICY] == 1
     assert pipeline.record_forwarder("big", Reason.RPC_TOO_LARGE) == ()
     assert pipeline.peer_counts("big")[Reason.RPC_TOO_LARGE] == 1 and pipeline.scores.score("big") == 0
 

@@ -5,7 +5,8 @@ Started by :class:`swarmnode.p2p.client.P2PClient` as ``python -m swarmnode.p2p.
 socket closes. Everything here runs in one trio event loop:
 
 - settings per docs/LIBP2P.md: Noise only, Yamux, /meshsub/1.1.0 only, small degree, 1 s heartbeat,
-  adaptive gossip and the built-in spam limiter off, strict signing, content-addressed message ids;
+  adaptive gossip and the built-in spam limiter off, content-addressed message ids, and (wire
+  protocol 2) StrictNoSign: the envelope's signature is a message's only one (``NoSignGossipSub``);
 - every received message passes the ordered :class:`ValidationPipeline` as a topic validator
   (wrapped so no exception can kill the host), called by the libp2p peer that delivered it (the
   forwarder); rejected messages are not forwarded and the blamed peers (forwarder, author) are
@@ -29,10 +30,11 @@ socket closes. Everything here runs in one trio event loop:
   (``SignedRecordCache``), debug log arguments built only when DEBUG is on
   (``swarmnode.p2p.lazy_debug``), no task spawned for a copy ``push_msg`` would drop at once, a
   new message judged in its stream's order and forwarded from a plain trio task
-  (``GuardedPubsub.skip_seen_copies``), each signature verified
-  once (``GuardedPubsub.push_msg``), no forward written to a peer that already sent us the message
-  (``GuardedPubsub.write_msg``); ``SWARMNODE_P2P_BASELINE=1`` turns the cuts off for before/after
-  measurements;
+  (``GuardedPubsub.skip_seen_copies``), each check made once (``GuardedPubsub.push_msg``), no
+  forward written to a peer that already sent us the message (``GuardedPubsub.write_msg``), gossip
+  keyed by message id (``ContentIdMessageCache``), free locks taken without a trip through the
+  scheduler (``free_locks_without_yield``); ``SWARMNODE_P2P_BASELINE=1`` turns the cuts off (and
+  uses the library's StrictSign) for before/after measurements;
   peers whose pubsub stream died while the connection stayed up are disconnected and redialed;
 - with no peers the host keeps running and reports ``silo``.
 """
@@ -71,6 +73,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub import gossipsub as libp2p_gossipsub
 from libp2p.pubsub import pubsub as libp2p_pubsub
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.validators import signature_validator
@@ -317,6 +320,40 @@ def buffer_tcp_reads() -> None:
         TrioTCPStream.read = buffered_tcp_read  # type: ignore[method-assign]
 
 
+def _acquire_free_without_yield(library_acquire: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    async def acquire(self: Any) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()  # still a cancel point
+        try:
+            self.acquire_nowait()
+        except trio.WouldBlock:
+            await library_acquire(self)  # held by another task: wait as the library does (FIFO)
+
+    acquire.swarmnode_free_without_yield = True  # type: ignore[attr-defined]
+    return trio.lowlevel.enable_ki_protection(acquire)
+
+
+LIBRARY_LOCK_ACQUIRE = {cls: cls.acquire for cls in (trio.Lock, trio.Semaphore)}  # for the baseline test
+
+
+def free_locks_without_yield() -> None:
+    """Make taking a free ``trio.Lock`` or ``trio.Semaphore`` a cancel point only, not a schedule
+    point, in this process (once).
+
+    py-libp2p 0.8.1 takes about eight locks per RPC on its way through TCP, Noise, yamux and the
+    stream (the stream state, yamux's read-write lock and window lock, the connection's write
+    lock, the socket's read and write locks), almost always free. trio's ``acquire`` then still
+    yields to the scheduler, so each RPC paid eight trips through the run loop for nothing:
+    25 % of the transport's CPU per RPC (measured in-process, 3,000 RPCs of 8 KB sent and
+    received: 149 -> 111 us). Here a free lock is taken at once; a held one is waited for as the
+    library does (FIFO, handed over on release), and a cancelled task still raises at ``acquire``.
+    The run loop is still entered on every socket read and write, so no task holds it for longer
+    than one 64 KB read's worth of work.
+    """
+    for cls, library_acquire in LIBRARY_LOCK_ACQUIRE.items():
+        if not getattr(cls.acquire, "swarmnode_free_without_yield", False):
+            cls.acquire = _acquire_free_without_yield(library_acquire)  # type: ignore[method-assign]
+
+
 _record_cache: SignedRecordCache | None = None
 
 
@@ -336,6 +373,50 @@ def install_record_cache() -> SignedRecordCache:
 def content_message_id(msg: rpc_pb2.Message) -> bytes:
     """Message id = hash of the envelope, so one envelope cannot circulate under many ids."""
     return message_id(msg.data)
+
+
+class ContentIdMessageCache(MessageCache):
+    """gossipsub's message cache, keyed by the message id (``content_message_id``) as the spec says.
+
+    py-libp2p 0.8.1's cache keys every message by ``from + seqno`` whatever the pubsub's id
+    function: empty under StrictNoSign, so all messages would share one key. Under StrictSign its
+    IHAVE gossip advertised those keys; the receiver looked them up in its seen cache, which holds
+    content ids, never found them, and asked for every advertised message with an IWANT (in the
+    gossip bench, N = 8: 480 full copies per 25 s run, each of a message the peer already had).
+    Keyed by content ids, an IHAVE names what the peer's seen cache knows, and an IWANT finds it.
+    """
+
+    def put(self, msg: rpc_pb2.Message) -> None:
+        mid = content_message_id(msg)
+        if mid in self.msgs:
+            return
+        self.msgs[mid] = msg
+        self.history[0].append(CacheEntry(mid, msg.topicIDs))
+
+
+# The libp2p message fields StrictNoSign forbids: the author of a swarmnode message is the
+# envelope's signer, so a libp2p signature would only verify the same key a second time.
+LIBP2P_AUTHOR_FIELDS = ("from_id", "seqno", "signature", "key")
+
+
+class NoSignGossipSub(GossipSub):
+    """py-libp2p 0.8.1's GossipSub for StrictNoSign messages (no ``from``, no ``seqno``).
+
+    The library keys two structures by ``from + seqno``, which is empty for every such message:
+    its message cache (replaced by :class:`ContentIdMessageCache`) and its equivocation check
+    (the same ``from + seqno`` with other data), which would take every message after the first
+    for an equivocation and forward none. An author's sequence numbers are checked by our pipeline
+    instead (the ``replay`` rule, on the envelope's signed sequence number).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mcache = ContentIdMessageCache(self.mcache.window_size, self.mcache.history_size)
+
+    def _check_equivocation(self, msg: rpc_pb2.Message) -> bool:
+        if not msg.from_id and not msg.seqno:
+            return True
+        return super()._check_equivocation(msg)
 
 
 @dataclass
@@ -410,11 +491,13 @@ class GuardedPubsub(Pubsub):
       (rate, a banned forwarder) then censored the same bytes from every other forwarder, and a
       cached "valid" let a replay through unchecked once the seen cache (120-180 s) had forgotten
       the id. Our pipeline keeps its own, longer windows and caches only verdicts decided by content.
-    - ``push_msg`` reports messages whose libp2p signature fails strict signing (the library drops
-      them silently) to ``on_bad_signature(forwarder)``.
+    - Messages follow libp2p's StrictNoSign policy (docs/PROTOCOL.md, "Transport"): ``publish``
+      sends data and topics only, and ``push_msg`` reports a received message that carries
+      ``from``, ``seqno``, ``signature`` or ``key`` to ``on_signing_policy_broken(forwarder)``.
+      With ``strict_signing`` (the measurement baseline) it is the library's StrictSign instead.
     """
 
-    on_bad_signature: Callable[[ID], None] = staticmethod(lambda _forwarder: None)
+    on_signing_policy_broken: Callable[[ID], None] = staticmethod(lambda _forwarder: None)
     seen_copies_skipped = 0
     copies_not_sent = 0
     push_failures = 0
@@ -520,12 +603,9 @@ class GuardedPubsub(Pubsub):
         return all(v.validator(msg_forwarder, msg) for v in self.get_msg_validators(msg))
 
     async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
-        """py-libp2p 0.8.1's ``Pubsub.push_msg`` (pinned), in its order, with each check made once.
-
-        Calling the library's after a signature check of our own (to count bad signatures)
-        verified every new message's Ed25519 signature twice and hashed it for the seen cache
-        three times; here once each. The checks and their order are the library's.
-        """
+        """py-libp2p 0.8.1's ``Pubsub.push_msg`` (pinned), in its order, with each check made once
+        (the library's hashed a message three times for its seen cache) and our signing policy in
+        place of its signature check."""
         msg_id = self._msg_id_constructor(msg)  # hashed once here, for the seen check and the mark
         if self._drops_before_signature(msg_forwarder, msg, msg_id):  # blacklisted forwarder or author, seen
             return
@@ -540,15 +620,10 @@ class GuardedPubsub(Pubsub):
         with contextlib.suppress(Exception):  # as the library: a router without scoring passes
             if scorer is not None and not scorer.allow_publish(msg_forwarder, list(msg.topicIDs)):
                 return False
-        if self.strict_signing:
-            try:
-                signed = signature_validator(msg)
-            except Exception:
-                signed = False
-            if not signed:
-                with contextlib.suppress(Exception):  # counting must never fail the library's task
-                    self.on_bad_signature(msg_forwarder)
-                return False
+        if not self._follows_signing_policy(msg):
+            with contextlib.suppress(Exception):  # counting must never fail the library's task
+                self.on_signing_policy_broken(msg_forwarder)
+            return False
         if not self._passes_validators(msg_forwarder, msg):
             with contextlib.suppress(Exception):
                 if scorer is not None:
@@ -561,17 +636,39 @@ class GuardedPubsub(Pubsub):
                 for topic in msg.topicIDs:
                     scorer.on_first_delivery(msg_forwarder, topic)
         self_id = self.host.get_id()
-        if ID(msg.from_id) == self_id and msg_forwarder != self_id:
+        if msg_forwarder == self_id:
+            return True  # our own publish: forwarded, not handed back to our node
+        if self.strict_signing and ID(msg.from_id) == self_id:
             return False  # claims to be from us but was not published here
         self.notify_subscriptions(msg)
         return True
+
+    def _follows_signing_policy(self, msg: rpc_pb2.Message) -> bool:
+        """StrictNoSign: no ``from``, ``seqno``, ``signature`` or ``key`` (the author is the envelope's
+        signer). With ``strict_signing`` (the library's StrictSign, measurement baseline only): a
+        valid libp2p signature."""
+        if not self.strict_signing:
+            return not any(msg.HasField(name) for name in LIBP2P_AUTHOR_FIELDS)
+        try:
+            return bool(signature_validator(msg))
+        except Exception:
+            return False
+
+    async def publish(self, topic_id: str | list[str], data: bytes) -> None:
+        """Publish ``data`` under StrictNoSign: a message of data and topics only (the library's
+        ``publish`` adds ``from`` and ``seqno`` whatever the signing policy)."""
+        if self.strict_signing:
+            await super().publish(topic_id, data)
+            return
+        topics = [topic_id] if isinstance(topic_id, str) else list(topic_id)
+        await self.push_msg(self.my_id, rpc_pb2.Message(data=data, topicIDs=topics))
 
     def _drops_before_signature(self, msg_forwarder: ID, msg: rpc_pb2.Message, msg_id: bytes) -> bool:
         """The library's own checks that come before its signature check (blacklist, seen)."""
         try:
             return (
                 self.is_peer_blacklisted(msg_forwarder)
-                or self.is_peer_blacklisted(ID(msg.from_id))
+                or (self.strict_signing and self.is_peer_blacklisted(ID(msg.from_id)))
                 or self.seen_messages.has(msg_id)
             )
         except Exception:
@@ -649,7 +746,8 @@ class SwarmHost:
             announce_addrs=[multiaddr.Multiaddr(a) for a in cfg.announce] or None,
         )
         self.my_id = self.host.get_id()
-        self.gossipsub = GossipSub(
+        self.baseline = os.environ.get(BASELINE_ENV) == "1"
+        self.gossipsub = (GossipSub if self.baseline else NoSignGossipSub)(
             protocols=[PROTOCOL_ID_V11],
             degree=cfg.degree,
             degree_low=cfg.degree_low,
@@ -660,11 +758,13 @@ class SwarmHost:
             spam_protection_enabled=False,
         )
         self.pubsub = GuardedPubsub(
-            self.host, self.gossipsub, strict_signing=True, msg_id_constructor=content_message_id
+            self.host,
+            self.gossipsub,
+            strict_signing=self.baseline,  # StrictNoSign; the baseline measures the library's StrictSign
+            msg_id_constructor=content_message_id,
         )
-        self.pubsub.on_bad_signature = self._on_libp2p_bad_signature
+        self.pubsub.on_signing_policy_broken = self._on_signing_policy_broken
         self.dht = KadDHT(self.host, DHTMode.SERVER, enable_random_walk=True)
-        self.baseline = os.environ.get(BASELINE_ENV) == "1"
         self.work: dict[str, int] = defaultdict(int)  # work done or skipped on purpose (not drops)
         self._addr_cache: dict[ID, tuple[float, list[str]]] = {}
         self._listen_cache: tuple[float, list[str]] = (-math.inf, [])
@@ -679,6 +779,7 @@ class SwarmHost:
             batch_yamux_window_updates()
             buffer_tcp_reads()
             guard_hot_debug_logs()
+            free_locks_without_yield()
         self.peer_exchange = PeerListExchange(self.host, accept_peer=lambda peer: not self._is_banned(peer))
         self.next_peer_exchange = 0.0
         self.bootstraps = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in cfg.bootstrap]
@@ -734,11 +835,13 @@ class SwarmHost:
             self._ban(peer, verdict.reason)
         return verdict.accepted
 
-    def _on_libp2p_bad_signature(self, forwarder: ID) -> None:
-        """py-libp2p strict signing dropped a message: count it and blame the connection that sent it."""
-        self.drops["libp2p_bad_signature"] += 1
-        for peer in self.pipeline.record_forwarder(forwarder.to_base58(), Reason.LIBP2P_BAD_SIGNATURE):
-            self._ban(peer, Reason.LIBP2P_BAD_SIGNATURE)
+    def _on_signing_policy_broken(self, forwarder: ID) -> None:
+        """A message broke the signing policy (it carried libp2p author fields): count it and blame
+        the connection that sent it (a relay that forwards such a message is not following the protocol)."""
+        reason = Reason.LIBP2P_SIGNING_POLICY
+        self.drops[reason.value] += 1
+        for peer in self.pipeline.record_forwarder(forwarder.to_base58(), reason):
+            self._ban(peer, reason)
 
     def _on_library_drop(self, place: str, peer: str) -> None:
         self.drops[place] += 1
@@ -968,9 +1071,7 @@ class SwarmHost:
         """Empty the library's 32-message subscription buffer at once into the bounded queue to the node."""
         me = self.my_id.to_base58()
         while True:
-            msg = await subscription.get()
-            if msg.from_id == self.my_id.to_bytes():
-                continue  # our own publish, echoed back
+            msg = await subscription.get()  # never our own publish (GuardedPubsub._accept)
             msg_id = content_message_id(msg)
             forwarder, author = self.pipeline.delivered_by.get(msg_id, ("", ""))
             if author == me:
@@ -978,7 +1079,7 @@ class SwarmHost:
             item = Deliver(
                 kind=kind,
                 data=msg.data,
-                origin=author or ID(msg.from_id).to_base58(),
+                origin=author,
                 msg_id=msg_id.hex(),
                 received_at=time.time(),
                 forwarder=forwarder,

@@ -97,7 +97,9 @@ class Reason(StrEnum):
     UNKNOWN_KIND = "unknown_kind"
     SCHEMA_CAP = "schema_cap"
     BAD_SIGNATURE = "bad_signature"
-    LIBP2P_BAD_SIGNATURE = "libp2p_bad_signature"  # dropped by py-libp2p strict signing; counted by the host
+    # A pubsub message that breaks the libp2p signing policy (StrictNoSign: it carries from, seqno,
+    # signature or key); judged and counted by the host before the pipeline.
+    LIBP2P_SIGNING_POLICY = "libp2p_signing_policy"
     RPC_TOO_LARGE = "rpc_too_large"  # an RPC over py-libp2p's 1 MiB read limit; counted by the host
     DUPLICATE = "duplicate"
     REPLAY = "replay"
@@ -137,7 +139,7 @@ _POLICY: dict[Reason, tuple[Action, float, Blame]] = {
     Reason.UNKNOWN_KIND: (Action.REJECT, 5.0, Blame.SENDER),
     Reason.SCHEMA_CAP: (Action.REJECT, 10.0, Blame.SENDER),
     Reason.BAD_SIGNATURE: (Action.REJECT, 25.0, Blame.FORWARDER),
-    Reason.LIBP2P_BAD_SIGNATURE: (Action.REJECT, 25.0, Blame.FORWARDER),
+    Reason.LIBP2P_SIGNING_POLICY: (Action.REJECT, 25.0, Blame.FORWARDER),
     Reason.RPC_TOO_LARGE: (Action.IGNORE, 0.0, Blame.NOBODY),  # honest peers can coalesce big messages
     Reason.DUPLICATE: (Action.IGNORE, 0.0, Blame.NOBODY),
     Reason.REPLAY: (Action.IGNORE, 0.0, Blame.NOBODY),

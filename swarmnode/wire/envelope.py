@@ -23,6 +23,7 @@ from swarmnode.wire.caps import WireCaps, WireError
 from swarmnode.wire.gen import wire_pb2
 
 ENVELOPE_VERSION = 1
+TOPIC_VERSION = "v2"  # v1 topics carried the same envelopes under libp2p StrictSign
 ZLIB_LEVEL = 6
 _DOMAIN = b"swarmnode/v1/envelope\x00"
 _INFLATE_CHUNK = 256 * 1024  # zlib output per step while inflating a payload
@@ -36,8 +37,8 @@ class Kind(IntEnum):
 
     @property
     def topic(self) -> str:
-        """The gossipsub topic of this kind."""
-        return f"/swarmnode/v1/{self.name.lower()}"
+        """The gossipsub topic of this kind (protocol 2: StrictNoSign; docs/PROTOCOL.md "Versioning")."""
+        return f"/swarmnode/{TOPIC_VERSION}/{self.name.lower()}"
 
 
 class Compression(IntEnum):
