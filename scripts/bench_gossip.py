@@ -344,6 +344,9 @@ def run_gossip(
     result["drops_total"] = {place: count for place, count in drops.items() if count}
     result["host_work_total"] = summed_counters(statuses.values(), "work")  # the whole run, warm-up included
     result["nodes_without_status"] = sum(1 for status in statuses.values() if not status)
+    # Where a delivery shortfall sits: batches each node received, and host restarts (supervisor)
+    result["received_per_node"] = [len(received[i]) for i in range(n)]
+    result["host_restarts"] = sum(int(status.get("restarts", 0)) for status in statuses.values())
     return result
 
 

@@ -48,7 +48,7 @@ from swarmnode.p2p.host import (
 )
 from swarmnode.p2p.ipc import FrameDecoder, P2PStatus, Snapshot, encode_frame
 from swarmnode.p2p.pipeline import Reason
-from swarmnode.wire import Kind
+from swarmnode.wire import Kind, message_id
 
 
 def ids(count: int) -> list[str]:
@@ -721,3 +721,23 @@ def test_what_a_host_remembers_about_who_sent_which_message_is_bounded(
         content_message_id(rpc_pb2.Message(data=bytes([seq]))) for seq in (7, 8, 9)
     ]
     assert all(len(h) == host_module.MAX_HOLDERS_PER_MESSAGE for h in pubsub._holders.values())
+
+
+def test_a_message_object_is_hashed_once_and_the_remembered_ids_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hashed: list[bytes] = []
+
+    def counting_message_id(data: bytes) -> bytes:
+        hashed.append(data)
+        return message_id(data)
+
+    monkeypatch.setattr(host_module, "message_id", counting_message_id)
+    monkeypatch.setattr(host_module, "_RECENT_IDS", host_module.OrderedDict())
+    msg = rpc_pb2.Message(data=b"batch", topicIDs=[Kind.HEARTBEAT.topic])
+    same_bytes = rpc_pb2.Message(data=b"batch", topicIDs=[Kind.HEARTBEAT.topic])  # a copy: its own hash
+    ids_seen = {content_message_id(m) for m in (msg, msg, same_bytes, msg)}
+    assert ids_seen == {message_id(b"batch")} and hashed == [b"batch", b"batch"]
+    for i in range(host_module.RECENT_IDS_KEPT + 5):
+        content_message_id(rpc_pb2.Message(data=bytes([i])))
+    assert len(host_module._RECENT_IDS) == host_module.RECENT_IDS_KEPT
