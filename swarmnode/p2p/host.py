@@ -332,7 +332,7 @@ def _acquire_free_without_yield(library_acquire: Callable[[Any], Any]) -> Callab
     return trio.lowlevel.enable_ki_protection(acquire)
 
 
-LIBRARY_LOCK_ACQUIRE = {cls: cls.acquire for cls in (trio.Lock, trio.Semaphore)}  # for the baseline test
+LIBRARY_LOCK_ACQUIRE = {cls: cls.acquire for cls in (trio.Lock, trio.Semaphore)}  # trio's, for a held lock
 
 
 def free_locks_without_yield() -> None:
