@@ -175,6 +175,12 @@ class P2PConfig(_Section):
         "connections; 6 cost 1.2x the duplicate copies per delivery of 5 in the gossip bench (N = 8)",
     )
     heartbeat_interval: float = Field(1.0, gt=0.0, description="gossipsub heartbeat, seconds")
+    idontwant_min_bytes: int = Field(
+        16384,
+        ge=0,
+        description="on the first copy of a message at least this large, tell the other mesh peers "
+        "not to send it (gossipsub v1.2 IDONTWANT; 0: never). Measured in scripts/bench_gossip.py",
+    )
     prune_backoff_s: int = Field(
         15,
         ge=1,

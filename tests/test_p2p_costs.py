@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.rpc_queue import RpcQueue
 from libp2p.pubsub.utils import maybe_consume_signed_record
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -741,3 +743,129 @@ def test_a_message_object_is_hashed_once_and_the_remembered_ids_are_bounded(
     for i in range(host_module.RECENT_IDS_KEPT + 5):
         content_message_id(rpc_pb2.Message(data=bytes([i])))
     assert len(host_module._RECENT_IDS) == host_module.RECENT_IDS_KEPT
+
+
+# ----------------------------------------------------------------------------- IDONTWANT
+def pubsub_with_mesh(tmp_path: Path, peers: list[ID], **cfg: Any) -> Any:
+    """A host's pubsub whose rollout mesh is ``peers``, each with a real outbound RPC queue."""
+    pubsub = make_host(tmp_path, **cfg).pubsub
+    pubsub._manager = RecordingManager()  # type: ignore[attr-defined]
+    pubsub.skip_seen_copies()
+    topic = Kind.ROLLOUT_BATCH.topic
+    pubsub.router.mesh[topic] = set(peers)
+    pubsub.peer_topics[topic] = set(peers)
+    for peer in peers:
+        pubsub.peer_queues[peer] = RpcQueue()
+    return pubsub
+
+
+def queued(pubsub: Any, peer: ID) -> list[rpc_pb2.RPC]:
+    """Everything queued for ``peer``, in the order its sending loop would write it."""
+    queue = pubsub.peer_queues[peer]
+    return [trio.run(queue.pop) for _ in range(len(queue))]
+
+
+def dont_want_ids(rpcs: list[rpc_pb2.RPC]) -> list[list[bytes]]:
+    return [list(w.messageIDs) for rpc in rpcs for w in rpc.control.idontwant]
+
+
+def big_message(seed: int, size: int = 20_000) -> rpc_pb2.Message:
+    return rpc_pb2.Message(data=bytes([seed]) * size, topicIDs=[Kind.ROLLOUT_BATCH.topic])
+
+
+def test_a_large_first_copy_is_announced_with_one_queued_idontwant_per_other_mesh_peer(
+    tmp_path: Path,
+) -> None:
+    forwarder, holder, p1, p2 = (ID.from_base58(p) for p in ids(4))
+    pubsub = pubsub_with_mesh(tmp_path, [forwarder, holder, p1, p2])
+    first, second, third = big_message(1), big_message(2), big_message(3)
+    pubsub._note_holder(holder, content_message_id(first))  # the holder sent us `first` already
+    pubsub.manager.run_task(pubsub.push_msg, forwarder, first)
+    pubsub._mark_msg_seen(first)  # accepted (the real reader judges it at once)
+    pubsub.manager.run_task(pubsub.push_msg, forwarder, first)  # a duplicate: announced once
+    small = rpc_pb2.Message(data=b"x" * 100, topicIDs=[Kind.ROLLOUT_BATCH.topic])
+    pubsub.manager.run_task(pubsub.push_msg, forwarder, small)  # under idontwant_min_bytes: nothing
+    # `second` arrives while p2's IDONTWANT is still queued: its id joins that control message.
+    pubsub.manager.run_task(pubsub.push_msg, p1, second)
+    assert pubsub.dont_want_sent == 4 and pubsub.dont_want_ids_coalesced == 1
+    to_p2 = queued(pubsub, p2)
+    assert dont_want_ids(to_p2) == [[content_message_id(first), content_message_id(second)]]
+    assert dont_want_ids(queued(pubsub, holder)) == [[content_message_id(second)]]
+    assert dont_want_ids(queued(pubsub, forwarder)) == [[content_message_id(second)]]
+    assert dont_want_ids(queued(pubsub, p1)) == [[content_message_id(first)]]
+    # Once written, a control message takes no more ids: the next announcement is a new one.
+    assert trio.run(pubsub.write_msg, WrittenStream(p2), to_p2[0]) is True
+    pubsub.manager.run_task(pubsub.push_msg, forwarder, third)
+    assert dont_want_ids(queued(pubsub, p2)) == [[content_message_id(third)]]
+    # The measurement baseline (library behaviour) and idontwant_min_bytes = 0 announce nothing.
+    off = pubsub_with_mesh(tmp_path, [forwarder, p1], idontwant_min_bytes=0)
+    off.manager.run_task(off.push_msg, forwarder, big_message(4))
+    assert off.dont_want_sent == 0 and len(off.peer_queues[p1]) == 0
+
+
+def test_a_peer_that_sent_idontwant_is_not_sent_that_message_and_others_still_are(tmp_path: Path) -> None:
+    forwarder, unwilling, other = (ID.from_base58(p) for p in ids(3))
+    pubsub = pubsub_with_mesh(tmp_path, [forwarder, unwilling, other])
+    msg = big_message(1)
+    msg_id = content_message_id(msg)
+    trio.run(pubsub.router.handle_idontwant, rpc_pb2.ControlIDontWant(messageIDs=[msg_id]), unwilling)
+    assert pubsub.dont_want_ids_received == 1 and pubsub.peer_has(unwilling, msg_id)
+    # The forward queues no copy for it (no copy of the message is made) ...
+    send_to = list(pubsub.router._get_peers_to_send([Kind.ROLLOUT_BATCH.topic], forwarder, ID(b""), msg_id))
+    assert send_to == [other] and pubsub.copies_not_queued == 1
+    # ... and a copy queued before its IDONTWANT arrived is not written.
+    to_unwilling, to_other = WrittenStream(unwilling), WrittenStream(other)
+    forward = rpc_pb2.RPC(publish=[msg])
+    trio.run(pubsub.write_msg, to_unwilling, forward)
+    trio.run(pubsub.write_msg, to_other, forward)
+    assert to_unwilling.written == [] and len(to_other.written) == 1 and pubsub.copies_not_sent == 1
+    # A peer that goes away takes its ids with it.
+    pubsub.router.remove_peer(unwilling)
+    assert not pubsub.peer_has(unwilling, msg_id)
+
+
+def test_idontwant_junk_is_bounded_counted_and_penalises_the_connection_that_sent_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(host_module, "DONT_WANT_PEERS", 2)
+    host = make_host(tmp_path)
+    router, pubsub = host.gossipsub, host.pubsub
+    flooder = ID.from_base58(ids(1)[0])
+    limit = host_module.MAX_DONT_WANT_IDS_PER_CONTROL
+    flood = [i.to_bytes(32, "big") for i in range(limit + 10)]
+    trio.run(router.handle_idontwant, rpc_pb2.ControlIDontWant(messageIDs=flood), flooder)
+    assert pubsub.dont_want_ids_received == limit and host.drops["idontwant_excess_ids"] == 10
+    assert not pubsub.peer_has(flooder, flood[-1])  # the excess is not read
+    trio.run(router.handle_idontwant, rpc_pb2.ControlIDontWant(messageIDs=[b"short", b"x" * 33]), flooder)
+    assert host.drops["idontwant_bad_id"] == 2
+    assert host.pipeline.peer_counts(flooder.to_base58())[Reason.IDONTWANT_JUNK] == 2
+    # A peer's ids evict only its own (newest kept), and the peers remembered are bounded.
+    for start in range(0, host_module.DONT_WANT_IDS_PER_PEER + limit, limit):
+        batch = [i.to_bytes(32, "big") for i in range(1000 + start, 1000 + start + limit)]
+        trio.run(router.handle_idontwant, rpc_pb2.ControlIDontWant(messageIDs=batch), flooder)
+    assert len(pubsub._dont_want[flooder]) == host_module.DONT_WANT_IDS_PER_PEER
+    assert not pubsub.peer_has(flooder, flood[0])  # the oldest went first
+    for peer in (ID.from_base58(p) for p in ids(3)):
+        trio.run(router.handle_idontwant, rpc_pb2.ControlIDontWant(messageIDs=[flood[0]]), peer)
+    assert len(pubsub._dont_want) == 2 and flooder not in pubsub._dont_want
+
+
+def test_a_host_whose_trio_thread_is_stuck_writes_every_threads_stack_to_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(host_module, "LOOP_STALL_DUMP_S", 0.2)
+    host = make_host(tmp_path)
+
+    async def stuck_for_a_while() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(host._snapshot_loop)  # arms the watchdog
+            await trio.sleep(0.05)
+            time.sleep(0.6)  # the trio thread blocked in a synchronous call
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(stuck_for_a_while)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    err = capfd.readouterr().err
+    assert "Timeout (0:00:00.2" in err and "stuck_for_a_while" in err

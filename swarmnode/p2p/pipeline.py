@@ -101,6 +101,8 @@ class Reason(StrEnum):
     # signature or key); judged and counted by the host before the pipeline.
     LIBP2P_SIGNING_POLICY = "libp2p_signing_policy"
     RPC_TOO_LARGE = "rpc_too_large"  # an RPC over py-libp2p's 1 MiB read limit; counted by the host
+    # An IDONTWANT control message with more ids than one message needs, or ids that are not message ids.
+    IDONTWANT_JUNK = "idontwant_junk"
     DUPLICATE = "duplicate"
     REPLAY = "replay"
     STALE = "stale"
@@ -141,6 +143,7 @@ _POLICY: dict[Reason, tuple[Action, float, Blame]] = {
     Reason.BAD_SIGNATURE: (Action.REJECT, 25.0, Blame.FORWARDER),
     Reason.LIBP2P_SIGNING_POLICY: (Action.REJECT, 25.0, Blame.FORWARDER),
     Reason.RPC_TOO_LARGE: (Action.IGNORE, 0.0, Blame.NOBODY),  # honest peers can coalesce big messages
+    Reason.IDONTWANT_JUNK: (Action.REJECT, 5.0, Blame.FORWARDER),
     Reason.DUPLICATE: (Action.IGNORE, 0.0, Blame.NOBODY),
     Reason.REPLAY: (Action.IGNORE, 0.0, Blame.NOBODY),
     Reason.STALE: (Action.IGNORE, 0.0, Blame.NOBODY),
