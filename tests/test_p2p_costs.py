@@ -869,3 +869,35 @@ def test_a_host_whose_trio_thread_is_stuck_writes_every_threads_stack_to_its_log
         faulthandler.cancel_dump_traceback_later()
     err = capfd.readouterr().err
     assert "Timeout (0:00:00.2" in err and "stuck_for_a_while" in err
+
+
+def test_ihave_gossip_reaches_peers_in_graft_backoff_so_a_node_pruned_by_all_its_mesh_still_hears(
+    tmp_path: Path,
+) -> None:
+    topic = Kind.ROLLOUT_BATCH.topic
+    mesh_peer, pruned_us, we_pruned, other = (ID.from_base58(p) for p in ids(4))
+
+    def gossip_recipients(router: Any) -> set[ID]:
+        router.mesh[topic] = {mesh_peer}
+        router.pubsub.peer_topics[topic] = {mesh_peer, pruned_us, we_pruned, other}
+        for peer in (mesh_peer, pruned_us, we_pruned, other):
+            router.peer_protocol[peer] = host_module.PROTOCOL_ID_V11
+        router.mcache.put(big_message(1))
+        for peer in (pruned_us, we_pruned):  # GRAFT backoff, after a PRUNE either way
+            router._add_back_off(peer, topic, False, 60)
+        return {peer for peer, topics in router.gossip_heartbeat().items() if topic in topics}
+
+    assert gossip_recipients(make_host(tmp_path).gossipsub) == {pruned_us, we_pruned, other}
+    # py-libp2p 0.8.1's own router (the measurement baseline) leaves the backed-off peers out.
+    library = make_host(tmp_path / "baseline")
+    library.pubsub.router = GossipSub(
+        protocols=[host_module.PROTOCOL_ID_V11], degree=4, degree_low=3, degree_high=5
+    )
+    library.pubsub.router.attach(library.pubsub)
+    assert gossip_recipients(library.pubsub.router) == {other}
+    # Backoff still bars GRAFT: a short mesh is refilled from the other peers only.
+    router = make_host(tmp_path / "graft").gossipsub
+    gossip_recipients(router)
+    router.mesh[topic] = set()
+    grafts, _ = router.mesh_heartbeat()
+    assert set(grafts) == {mesh_peer, other}
