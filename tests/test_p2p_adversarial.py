@@ -381,3 +381,26 @@ def test_library_log_only_drops_become_counters_and_multiline_errors_one_line(sh
         "libp2p.host", logging.ERROR, __file__, 1, "Failed:\n  Error: %s\n  more", ("x",), None
     )
     assert _FirstLineOnly().filter(record) and record.getMessage() == "Failed:"
+
+
+def test_a_host_its_only_peer_pruned_and_backed_off_still_gets_that_peers_messages_by_gossip(
+    short_tmp: Path,
+) -> None:
+    """docs/DESIGN.md "Gossip reaches peers in backoff": with no mesh link either way and a GRAFT
+    backoff of a minute on both sides, the message still arrives, by IHAVE and IWANT."""
+    alice = Identity.generate()
+
+    async def scenario() -> None:
+        async with host_under_test(short_tmp) as (host, node), attached(Publisher(alice), host) as peer:
+            await peer.pubsub.subscribe(TOPIC)
+            await wait_for(lambda: host.my_id in peer.gossipsub.mesh.get(TOPIC, set()), "the peer's mesh")
+            for router, other in ((peer.gossipsub, host.my_id), (host.gossipsub, peer.host.get_id())):
+                router.mesh[TOPIC].discard(other)  # pruned, each way
+                router._add_back_off(other, TOPIC, False, 60)
+            envelope = heartbeat(alice, 1)
+            await peer.publish(envelope)
+            # Well within the backoff: without gossip to backed-off peers nothing arrives for 60 s.
+            await wait_for(lambda: message_id(envelope).hex() in node.delivered_ids(), "the envelope", 20.0)
+            assert peer.gossipsub.mesh[TOPIC] == set() and host.gossipsub.mesh.get(TOPIC) == set()
+
+    trio.run(scenario)
