@@ -839,6 +839,7 @@ def test_idontwant_junk_is_bounded_counted_and_penalises_the_connection_that_sen
     trio.run(router.handle_idontwant, rpc_pb2.ControlIDontWant(messageIDs=[b"short", b"x" * 33]), flooder)
     assert host.drops["idontwant_bad_id"] == 2
     assert host.pipeline.peer_counts(flooder.to_base58())[Reason.IDONTWANT_JUNK] == 2
+    assert not host.pipeline.scores.is_banned(flooder.to_base58())
     # A peer's ids evict only its own (newest kept), and the peers remembered are bounded.
     for start in range(0, host_module.DONT_WANT_IDS_PER_PEER + limit, limit):
         batch = [i.to_bytes(32, "big") for i in range(1000 + start, 1000 + start + limit)]
@@ -848,6 +849,11 @@ def test_idontwant_junk_is_bounded_counted_and_penalises_the_connection_that_sen
     for peer in (ID.from_base58(p) for p in ids(3)):
         trio.run(router.handle_idontwant, rpc_pb2.ControlIDontWant(messageIDs=[flood[0]]), peer)
     assert len(pubsub._dont_want) == 2 and flooder not in pubsub._dont_want
+    # Junk that keeps coming sinks the connection's score: it is banned (blacklisted, disconnected).
+    pubsub._manager = RecordingManager()  # the blacklist's teardown of the peer's stream is a task
+    for _ in range(4):
+        trio.run(router.handle_idontwant, rpc_pb2.ControlIDontWant(messageIDs=[b"junk"]), flooder)
+    assert host.pipeline.scores.is_banned(flooder.to_base58()) and flooder in pubsub.blacklisted_peers
 
 
 def test_a_host_whose_trio_thread_is_stuck_writes_every_threads_stack_to_its_log(

@@ -485,9 +485,9 @@ class NoSignGossipSub(GossipSub):
     ) -> Iterator[ID]:
         """The library's choice, less the peers that have the message (sent it to us, or IDONTWANT):
         no copy of it is made and queued for them (``copies_not_queued``)."""
-        pubsub = self.pubsub
+        pubsub = self.pubsub if msg_id is not None and isinstance(self.pubsub, GuardedPubsub) else None
         for peer in super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id):
-            if msg_id is not None and isinstance(pubsub, GuardedPubsub) and pubsub.peer_has(peer, msg_id):
+            if pubsub is not None and pubsub.peer_has(peer, msg_id):  # type: ignore[arg-type]
                 pubsub.copies_not_queued += 1
                 continue
             yield peer
@@ -743,12 +743,13 @@ class GuardedPubsub(Pubsub):
         return await self._write_unless_held(stream, rpc_msg)
 
     async def _write_unless_held(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
-        """The library's write, except for an RPC of messages only, every one of which the peer sent us.
+        """The library's write, except for an RPC of messages only, every one of which the peer sent
+        us or said it does not want (IDONTWANT).
 
         A copy crosses each mesh link in both directions when both ends forward at once; by the
         time a queued forward is written, the peer may already have delivered that message to us,
-        and it would drop our copy as seen. Such an RPC is not written (``copies_not_sent``):
-        what /meshsub/1.2.0's IDONTWANT achieves, without its extra control message per peer.
+        and it would drop our copy as seen; or its IDONTWANT arrived after the forward was queued.
+        Such an RPC is not written (``copies_not_sent``).
         """
         if (
             (self._holders or self._dont_want)
@@ -1021,12 +1022,16 @@ class SwarmHost:
         the connection that sent it (a relay that forwards such a message is not following the protocol)."""
         reason = Reason.LIBP2P_SIGNING_POLICY
         self.drops[reason.value] += 1
-        for peer in self.pipeline.record_forwarder(forwarder.to_base58(), reason):
-            self._ban(peer, reason)
+        self._blame_forwarder(forwarder, reason)
 
     def _on_dont_want_junk(self, peer: ID, what: str, count: int) -> None:
         self.drops[what] += count
-        self.pipeline.record_forwarder(peer.to_base58(), Reason.IDONTWANT_JUNK)
+        self._blame_forwarder(peer, Reason.IDONTWANT_JUNK)
+
+    def _blame_forwarder(self, forwarder: ID, reason: Reason) -> None:
+        """Penalise the connection for something the host judged outside the pipeline; ban what that sinks."""
+        for peer in self.pipeline.record_forwarder(forwarder.to_base58(), reason):
+            self._ban(peer, reason)
 
     def _on_library_drop(self, place: str, peer: str) -> None:
         self.drops[place] += 1
