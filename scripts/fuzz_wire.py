@@ -9,10 +9,12 @@ Every input goes through both receive paths, exactly as a node runs them:
     calls it from its gossipsub validator (swarmnode/p2p/host.py).
 
 Inputs are mutations of valid envelopes (batches with and without behaviour claims, heartbeats,
-zlib and uncompressed): byte flips, truncations, splices, insertions; protobuf-aware edits of the
+zstd, zlib and uncompressed): byte flips, truncations, splices, insertions; protobuf-aware edits of the
 envelope; payload mutations (byte-level and protobuf-aware) that are compressed and re-signed by
 the author so they get past the signature check and reach the payload decoder; zlib bombs around
 and far beyond the payload cap, truncated and trailing zlib streams, other deflate framings;
+zstd frames truncated, followed by bytes or a second frame, behind a skippable frame, without or
+with a wrong content size, with large windows or a dictionary;
 millions of empty repeated sub-messages; deep nesting; kind/topic mismatches; exact replays;
 untouched valid messages. Generation is deterministic in ``--seed``.
 
@@ -54,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import zstandard
 from google.protobuf import __version__ as protobuf_version
 from nacl.signing import SigningKey
 
@@ -364,6 +367,7 @@ class Mutators:
             "payload_proto_resigned": (0.26, self.payload_proto_resigned),
             "zlib_framing": (0.06, self.zlib_framing),
             "zlib_bomb": (0.02, self.zlib_bomb),
+            "zstd_framing": (0.06, self.zstd_framing),
             "deep_nesting": (0.03, self.deep_nesting),
             "random_bytes": (0.07, self.random_bytes),
         }
@@ -382,7 +386,7 @@ class Mutators:
         return Kind.ROLLOUT_BATCH if self.rng.random() < 0.75 else Kind.HEARTBEAT
 
     def _compression(self) -> Compression:
-        return Compression.ZLIB if self.rng.random() < 0.8 else Compression.NONE
+        return self.rng.choices(list(Compression), [0.15, 0.25, 0.6])[0]  # NONE, ZLIB, ZSTD
 
     def _sealed(self, author: Identity, kind: Kind, payload: bytes) -> bytes:
         return seal(author, kind, payload, compression=self._compression(), max_message_bytes=1 << 30)
@@ -563,6 +567,33 @@ class Mutators:
             body = zlib.compress(payload)[:-4] + rng.randbytes(4)  # bad Adler-32
         data = sign_body(author, kind, Compression.ZLIB, body)
         return Case("zlib_framing", kind, data, author.peer_id)
+
+    def zstd_framing(self, now: float) -> Case:
+        """Frames a receiver must refuse (or, for a small declared window, accept) whatever the payload."""
+        rng = self.rng
+        kind, author = self._kind(), self._author()
+        payload = self.corpus.payload(kind, now)
+        body = zstandard.ZstdCompressor().compress(payload)
+        op = rng.randrange(8)
+        if op == 0:
+            body = body[: rng.randrange(len(body))]  # truncated frame
+        elif op == 1:
+            body += rng.choice([body, rng.randbytes(rng.randint(1, 16))])  # a second frame, trailing bytes
+        elif op == 2:
+            body = b"\x50\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"skip" + body  # skippable frame first
+        elif op == 3:
+            body = zstandard.ZstdCompressor(write_content_size=False).compress(payload)
+        else:  # hand-built raw-block frames: stated size, window and dictionary chosen freely
+            size = len(payload) + (rng.choice([-1, 1, 1 << 31]) if op == 4 else 0)
+            window_log = rng.choice([10, 20, 27, 31]) if op == 5 else 23
+            dict_id = rng.randint(1, 1 << 31) if op == 6 else 0
+            descriptor = 0x80 | (0x03 if dict_id else 0)
+            body = b"\x28\xb5\x2f\xfd" + bytes([descriptor, (window_log - 10) << 3])
+            body += (dict_id.to_bytes(4, "little") if dict_id else b"") + max(0, size).to_bytes(4, "little")
+            raw = payload[: (1 << 17) - 1]  # one raw block
+            body += (1 | len(raw) << 3).to_bytes(3, "little") + raw
+        data = sign_body(author, kind, Compression.ZSTD, body)
+        return Case("zstd_framing", kind, data, author.peer_id)
 
     def zlib_bomb(self, now: float) -> Case:
         name, body, inflated = self.rng.choice(self.corpus.bombs)

@@ -10,6 +10,7 @@ import zlib
 from collections import Counter
 
 import pytest
+import zstandard
 
 from swarmnode.config import P2PConfig
 from swarmnode.identity import Identity
@@ -215,7 +216,9 @@ def test_bad_signature_penalizes_the_forwarder_not_the_claimed_author(
 def test_tampered_payload_is_rejected_as_bad_signature(pipeline: ValidationPipeline, alice: Identity) -> None:
     sealed = batch_bytes(alice, 1)
     env = wire_pb2.Envelope.FromString(sealed)
-    other = zlib.compress(zlib.decompress(env.payload).replace(b"What is", b"Why is "))
+    other = zstandard.ZstdCompressor().compress(
+        zstandard.ZstdDecompressor().decompress(env.payload).replace(b"What is", b"Why is ")
+    )
     assert_verdict(pipeline, tamper(sealed, payload=other), alice.peer_id, Reason.BAD_SIGNATURE)
 
 

@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import zstandard
 from google.protobuf.descriptor import FieldDescriptor
 
 from swarmnode import wire
@@ -66,15 +67,24 @@ def identity() -> Identity:
     return Identity.generate()
 
 
-def test_rollout_batch_round_trips_through_a_signed_envelope(identity: Identity) -> None:
-    """docs/PROTOCOL.md "Payload messages": a group's empty model_id means the batch's."""
+@pytest.mark.parametrize("compression", [None, Compression.ZLIB, Compression.NONE])
+def test_rollout_batch_round_trips_through_a_signed_envelope(
+    identity: Identity, compression: Compression | None
+) -> None:
+    """docs/PROTOCOL.md "Payload messages": a group's empty model_id means the batch's. Senders
+    compress with zstd; receivers read all three codes."""
     groups = [make_group(0), make_group(1, ("a", "b", "c"), model_id="other-model")]
     payload = encode_rollout_batch(
         groups, node_round=7, sequence=99, model_id="tiny-a", created_at=1_700_000_000.5
     )
-    env = open_envelope(seal(identity, Kind.ROLLOUT_BATCH, payload), CAPS)
+    sealed = seal(
+        identity, Kind.ROLLOUT_BATCH, payload, **({} if compression is None else {"compression": compression})
+    )
+    env = open_envelope(sealed, CAPS)
 
-    assert env.kind is Kind.ROLLOUT_BATCH and env.compression is Compression.ZLIB
+    assert env.kind is Kind.ROLLOUT_BATCH and env.compression is (
+        Compression.ZSTD if compression is None else compression
+    )
     assert verify_envelope(env)
     assert env.signer == identity.peer_id
     batch = decode_message(env, CAPS)
@@ -193,7 +203,10 @@ def test_zip_bomb_is_oversize_without_inflating_it(identity: Identity) -> None:
     assert peak < 1.5 * CAPS.max_payload_bytes  # one growing buffer, never the 512 MB
 
 
-def test_bomb_whose_first_records_break_the_schema_costs_one_chunk(identity: Identity) -> None:
+@pytest.mark.parametrize("compression", [Compression.ZSTD, Compression.ZLIB])
+def test_bomb_whose_first_records_break_the_schema_costs_one_chunk(
+    identity: Identity, compression: Compression
+) -> None:
     """docs/PROTOCOL.md "Canonical encoding and pre-scan": the first inflated chunk is pre-scanned
     before the rest is inflated, so an 8 MB bomb of empty groups or of zeros costs ~256 KiB."""
     import tracemalloc
@@ -202,7 +215,7 @@ def test_bomb_whose_first_records_break_the_schema_costs_one_chunk(identity: Ide
         (EMPTY_GROUPS_BOMB, "schema_cap"),
         (b"\x00" * CAPS.max_payload_bytes, "decode_error"),
     ):
-        env = open_envelope(seal(identity, Kind.ROLLOUT_BATCH, payload), CAPS)
+        env = open_envelope(seal(identity, Kind.ROLLOUT_BATCH, payload, compression=compression), CAPS)
         tracemalloc.start()
         try:
             with pytest.raises(WireError) as err:
@@ -1121,6 +1134,125 @@ def test_a_multi_chunk_payload_inflates_whole_and_only_its_first_chunk_is_preche
     seen: list[int] = []
     assert wire.open_payload(env, CAPS, check_prefix=lambda out: seen.append(len(out))) == payload
     assert seen == [256 * 1024]
+
+
+def zstd_frame(
+    data: bytes, window_log: int = 10, content_size: int | None = None, dict_id: int = 0, magic: bytes = b""
+) -> bytes:
+    """A hand-built zstd frame (RFC 8878) holding ``data`` in one raw block: what an attacker can
+    write, with any window, stated content size and dictionary id (``magic`` overrides the magic)."""
+    descriptor = 0x80 | (0x03 if dict_id else 0)  # 4-byte content size, a window descriptor
+    header = (magic or bytes.fromhex("28b52ffd")) + bytes([descriptor, (window_log - 10) << 3])
+    header += dict_id.to_bytes(4, "little") if dict_id else b""
+    header += (len(data) if content_size is None else content_size).to_bytes(4, "little")
+    return header + (1 | len(data) << 3).to_bytes(3, "little") + data  # last block, raw
+
+
+ZSTD_VALID = zstandard.ZstdCompressor().compress(VALID_BATCH)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason", "match"),
+    [
+        (ZSTD_VALID[:-3], "decode_error", "bad zstd payload"),  # truncated
+        (ZSTD_VALID + b"x", "decode_error", "unused data"),
+        (ZSTD_VALID + ZSTD_VALID, "decode_error", "unused data"),  # a second frame
+        (
+            b"\x50\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"skip" + ZSTD_VALID,
+            "decode_error",
+            "start with",
+        ),
+        (
+            zstandard.ZstdCompressor(write_content_size=False).compress(VALID_BATCH),
+            "decode_error",
+            "content size",
+        ),
+        (zstd_frame(b"", content_size=0) + b"junk", "decode_error", "content size"),
+        (zstd_frame(VALID_BATCH, dict_id=7), "decode_error", "dictionary 7"),
+        (zstd_frame(VALID_BATCH, content_size=len(VALID_BATCH) + 1), "decode_error", "bad zstd payload"),
+        (zstd_frame(VALID_BATCH, magic=b"\x28\xb5\x2f\xfe"), "decode_error", "start with"),
+        (b"\x28\xb5\x2f\xfd", "decode_error", "frame header"),
+        (zstd_frame(b"x", content_size=CAPS.max_payload_bytes + 1), "oversize", "over its"),
+    ],
+)
+def test_zstd_payload_rules(identity: Identity, body: bytes, reason: str, match: str) -> None:
+    """docs/PROTOCOL.md "Envelope", step 5: one zstd frame stating its content size (1 to the cap),
+    no dictionary, nothing after it."""
+    env = open_envelope(seal_body(identity, Kind.ROLLOUT_BATCH, body, wire_pb2.COMPRESSION_ZSTD), CAPS)
+    with pytest.raises(WireError, match=match) as err:
+        decode_message(env, CAPS)
+    assert err.value.reason == reason
+
+
+def test_zstd_bomb_over_the_cap_is_refused_from_its_header(identity: Identity) -> None:
+    """A 20-byte frame stating 4 GB: refused before any allocation, whatever the blocks hold."""
+    import tracemalloc
+
+    env = open_envelope(
+        seal_body(
+            identity,
+            Kind.ROLLOUT_BATCH,
+            zstd_frame(b"x", content_size=(1 << 32) - 1),
+            wire_pb2.COMPRESSION_ZSTD,
+        ),
+        CAPS,
+    )
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError, match="over its") as err:
+            decode_message(env, CAPS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.reason == "oversize"
+    assert peak < 100_000
+
+
+def test_zstd_window_is_bounded_by_the_payload_cap(identity: Identity) -> None:
+    """A frame may not make the receiver reserve a window larger than the kind's cap (rounded up
+    to a power of two): here 4 KiB. The same bytes with a 4 KiB window decompress."""
+    caps = WireCaps(max_payload_bytes=4096)
+    data = bytes(range(256)) * 12
+    for window_log, ok in ((12, True), (20, False)):
+        body = zstd_frame(data, window_log=window_log)
+        env = open_envelope(seal_body(identity, Kind.HEARTBEAT, body, wire_pb2.COMPRESSION_ZSTD), caps)
+        if ok:
+            assert wire.open_payload(env, caps) == data
+        else:
+            with pytest.raises(WireError, match="zstd window of 1048576 bytes, over 4096") as err:
+                wire.open_payload(env, caps)
+            assert err.value.reason == "decode_error"
+
+
+def test_zstd_payload_at_exactly_the_cap_decompresses(identity: Identity) -> None:
+    caps = WireCaps(max_payload_bytes=4096)
+    padded = bytes(range(256)) * 16
+    for data, ok in ((padded, True), (padded + b"\x00", False)):
+        env = open_envelope(seal_body(identity, Kind.HEARTBEAT, zstd_frame(data, window_log=12), 2), caps)
+        if ok:
+            assert wire.open_payload(env, caps) == data
+        else:
+            with pytest.raises(WireError, match="over its 4096-byte cap") as err:
+                wire.open_payload(env, caps)
+            assert err.value.reason == "oversize"
+
+
+def test_a_multi_chunk_zstd_payload_decompresses_whole_and_only_its_first_chunk_is_prechecked(
+    identity: Identity,
+) -> None:
+    payload = bytes(range(256)) * 3000
+    env = open_envelope(seal(identity, Kind.ROLLOUT_BATCH, payload), CAPS)
+    assert env.compression is Compression.ZSTD
+    seen: list[bytes] = []
+    assert wire.open_payload(env, CAPS, check_prefix=lambda out: seen.append(bytes(out))) == payload
+    assert seen == [payload[: 256 * 1024]]
+
+
+def test_an_empty_payload_is_sealed_uncompressed(identity: Identity) -> None:
+    """Receivers refuse a zstd frame of no content, so the sender does not make one."""
+    env = open_envelope(seal(identity, Kind.HEARTBEAT, b""), CAPS)
+    assert env.compression is Compression.NONE and env.payload == b""
+    assert wire.open_payload(env, CAPS) == b""
 
 
 def test_sequences_start_at_the_clock_or_one() -> None:

@@ -6,7 +6,7 @@ socket closes. Everything here runs in one trio event loop:
 
 - settings per docs/LIBP2P.md: Noise only, Yamux, /meshsub/1.1.0 only, small degree, 1 s heartbeat,
   adaptive gossip and the built-in spam limiter off, content-addressed message ids, and (wire
-  protocol 2) StrictNoSign: the envelope's signature is a message's only one (``NoSignGossipSub``);
+  protocol 2, kept in 3) StrictNoSign: the envelope's signature is a message's only one (``NoSignGossipSub``);
 - every received message passes the ordered :class:`ValidationPipeline` as a topic validator
   (wrapped so no exception can kill the host), called by the libp2p peer that delivered it (the
   forwarder); rejected messages are not forwarded and the blamed peers (forwarder, author) are

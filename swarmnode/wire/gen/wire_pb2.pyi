@@ -17,11 +17,13 @@ class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     COMPRESSION_NONE: _ClassVar[Compression]
     COMPRESSION_ZLIB: _ClassVar[Compression]
+    COMPRESSION_ZSTD: _ClassVar[Compression]
 KIND_UNSPECIFIED: Kind
 KIND_ROLLOUT_BATCH: Kind
 KIND_HEARTBEAT: Kind
 COMPRESSION_NONE: Compression
 COMPRESSION_ZLIB: Compression
+COMPRESSION_ZSTD: Compression
 
 class TaskRef(_message.Message):
     __slots__ = ("dataset", "config_digest", "seed", "index", "generator_version")
