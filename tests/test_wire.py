@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tracemalloc
 import typing
 import zlib
 from pathlib import Path
@@ -22,6 +23,7 @@ from swarmnode.rl.records import RolloutGroup
 from swarmnode.tasks.reference import TaskRef
 from swarmnode.wire import (
     Compression,
+    Envelope,
     Kind,
     NodeHeartbeat,
     Sequencer,
@@ -185,21 +187,25 @@ def test_seal_refuses_a_payload_receivers_would_find_oversize(identity: Identity
     assert len(zlib.compress(payload)) < CAPS.max_message_bytes  # only the payload cap catches it
 
 
-def test_zip_bomb_is_oversize_without_inflating_it(identity: Identity) -> None:
-    """docs/PROTOCOL.md "Caps and windows": ~500 MB of inflation is cut off one byte past the cap."""
-    import tracemalloc
-
-    zeros = 64 * CAPS.max_payload_bytes
-    bomb = zlib_stream(unknown_field_header(zeros), zeros)
-    env = open_envelope(seal_body(identity, Kind.ROLLOUT_BATCH, bomb), CAPS)
+def decode_failure_and_peak(env: Envelope, match: str | None = None) -> tuple[WireError, int]:
+    """The WireError ``decode_message`` raises on ``env``, and the peak Python allocation meanwhile."""
     tracemalloc.start()
     try:
-        with pytest.raises(WireError, match="inflates beyond") as err:
+        with pytest.raises(WireError, match=match) as err:
             decode_message(env, CAPS)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert err.value.reason == "oversize"
+    return err.value, peak
+
+
+def test_zip_bomb_is_oversize_without_inflating_it(identity: Identity) -> None:
+    """docs/PROTOCOL.md "Caps and windows": ~500 MB of inflation is cut off one byte past the cap."""
+    zeros = 64 * CAPS.max_payload_bytes
+    bomb = zlib_stream(unknown_field_header(zeros), zeros)
+    env = open_envelope(seal_body(identity, Kind.ROLLOUT_BATCH, bomb), CAPS)
+    error, peak = decode_failure_and_peak(env, match="inflates beyond")
+    assert error.reason == "oversize"
     assert peak < 1.5 * CAPS.max_payload_bytes  # one growing buffer, never the 512 MB
 
 
@@ -209,21 +215,13 @@ def test_bomb_whose_first_records_break_the_schema_costs_one_chunk(
 ) -> None:
     """docs/PROTOCOL.md "Canonical encoding and pre-scan": the first inflated chunk is pre-scanned
     before the rest is inflated, so an 8 MB bomb of empty groups or of zeros costs ~256 KiB."""
-    import tracemalloc
-
     for payload, reason in (
         (EMPTY_GROUPS_BOMB, "schema_cap"),
         (b"\x00" * CAPS.max_payload_bytes, "decode_error"),
     ):
         env = open_envelope(seal(identity, Kind.ROLLOUT_BATCH, payload, compression=compression), CAPS)
-        tracemalloc.start()
-        try:
-            with pytest.raises(WireError) as err:
-                decode_message(env, CAPS)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-        assert err.value.reason == reason
+        error, peak = decode_failure_and_peak(env)
+        assert error.reason == reason
         assert peak < 1_000_000
 
 
@@ -452,19 +450,10 @@ def test_inflating_envelope_of_empty_groups_is_rejected_before_the_parser_alloca
 ) -> None:
     """docs/PROTOCOL.md "Canonical encoding and pre-scan": an 8 KB envelope inflating to millions of
     empty sub-messages is a schema_cap with Python-level allocation about one payload, not two."""
-    import tracemalloc
-
     data = seal(identity, Kind.ROLLOUT_BATCH, EMPTY_GROUPS_BOMB)
     assert len(data) < 10_000
-    env = open_envelope(data, CAPS)
-    tracemalloc.start()
-    try:
-        with pytest.raises(WireError, match="more than 64 groups") as err:
-            decode_message(env, CAPS)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert err.value.reason == "schema_cap"
+    error, peak = decode_failure_and_peak(open_envelope(data, CAPS), match="more than 64 groups")
+    assert error.reason == "schema_cap"
     assert peak < 1.25 * CAPS.max_payload_bytes  # the old code held two copies (16 MB)
 
 
@@ -1186,8 +1175,6 @@ def test_zstd_payload_rules(identity: Identity, body: bytes, reason: str, match:
 
 def test_zstd_bomb_over_the_cap_is_refused_from_its_header(identity: Identity) -> None:
     """A 20-byte frame stating 4 GB: refused before any allocation, whatever the blocks hold."""
-    import tracemalloc
-
     env = open_envelope(
         seal_body(
             identity,
@@ -1197,14 +1184,8 @@ def test_zstd_bomb_over_the_cap_is_refused_from_its_header(identity: Identity) -
         ),
         CAPS,
     )
-    tracemalloc.start()
-    try:
-        with pytest.raises(WireError, match="over its") as err:
-            decode_message(env, CAPS)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert err.value.reason == "oversize"
+    error, peak = decode_failure_and_peak(env, match="over its")
+    assert error.reason == "oversize"
     assert peak < 100_000
 
 
@@ -1228,7 +1209,8 @@ def test_zstd_payload_at_exactly_the_cap_decompresses(identity: Identity) -> Non
     caps = WireCaps(max_payload_bytes=4096)
     padded = bytes(range(256)) * 16
     for data, ok in ((padded, True), (padded + b"\x00", False)):
-        env = open_envelope(seal_body(identity, Kind.HEARTBEAT, zstd_frame(data, window_log=12), 2), caps)
+        body = zstd_frame(data, window_log=12)
+        env = open_envelope(seal_body(identity, Kind.HEARTBEAT, body, wire_pb2.COMPRESSION_ZSTD), caps)
         if ok:
             assert wire.open_payload(env, caps) == data
         else:
